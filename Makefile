@@ -1,0 +1,36 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both install into .venv first if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Pinned so pip takes the wheels this project is tested with; override e.g. TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.lla-installed
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m lla.demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) -m lla.bench.cli --suite default --json bench/results.json --markdown bench/results.md --plot bench/results.png
+
+lint: install
+	$(VENV)/bin/ruff check lla tests run.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

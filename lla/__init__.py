@@ -1,0 +1,3 @@
+"""lla: supervised local learning with PyTorch Lightning + Hydra."""
+
+__version__ = "0.1.0"

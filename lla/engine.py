@@ -1,0 +1,277 @@
+"""The per-module training engine every method subclasses.
+
+One training step (DESIGN.md "One training step, as data")::
+
+    h = x
+    for k in 0..K-1:
+        h = forward_module(k, h.detach())          # gradient isolation: the input is cut from module k-1
+        loss_k = local_loss(k, h, batch)           # the last module: CE through the real classifier
+        backward_local(k, loss_k)                  # frees module k's graph now -> the activation-memory saving
+        after_backward(k)                          # MAN / MLAAN: EMA updates
+        for j in ready[k]: step_module(j)          # modules no later loss reaches: step + free grads now
+
+Methods supply ``build_aux``, ``local_loss`` and, where they need them, ``span``, ``forward_module``,
+``backward_local`` and ``after_backward``. They never override ``training_step``.
+
+Lightning counts ``global_step`` once per batch: each module has its own SGD + scheduler inside
+:class:`~lla.optim.ModuleOptimizers`, which Lightning sees as one optimizer stepped once per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lla.errors import ConfigError
+from lla.optim import ModuleOptimizers, OptimConfig
+from lla.splits import Split, resolve_split
+
+
+class LocalLearner(L.LightningModule):
+    """Base LightningModule: a backbone trained as K local modules, each with its own optimizer.
+
+    Args:
+        backbone: an :class:`lla.backbones.Backbone` (layer chain + head + per-layer specs).
+        k: the paper's nominal number of local modules; the method's split family maps it to a table entry.
+        num_classes: classifier width (aux heads use it too).
+        image_size: side of the training image; aux nets size their pooling from it.
+        optim: SGD recipe (``OptimConfig`` fields).
+        max_epochs: length of the LR schedule.
+        split: an explicit :class:`~lla.splits.Split` (otherwise resolved from ``k`` and ``split_family``).
+    """
+
+    #: which K-label table this method reads (METHODS.md §3); see lla.splits.FAMILIES
+    split_family: str = "infopro"
+
+    def __init__(self, backbone: nn.Module, k: int = 1, num_classes: int = 10, image_size: int = 32,
+                 optim: Mapping[str, Any] | OptimConfig | None = None, max_epochs: int = 1,
+                 split: Split | None = None, denormalize=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.max_epochs = int(max_epochs)
+        self.optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**dict(optim or {}))
+        self.optim_cfg.validate()
+        self.split = split if split is not None else self.resolve_split(backbone, int(k))
+        self._denormalize = denormalize
+        self._x01_cache: tuple[Tensor, Tensor] | None = None
+        self.save_hyperparameters(ignore=["backbone", "split", "denormalize", "optim"])
+        self.hparams["optim"] = dict(vars(self.optim_cfg))
+        self.hparams["num_modules"] = self.split.num_modules
+        self.hparams["boundaries"] = list(self.split.boundaries)
+
+        K = self.num_modules
+        # Aux nets for modules 0..K-2 (the last module uses the backbone's own head).
+        self.aux = nn.ModuleList([self.build_aux(k) for k in range(K - 1)])
+        self._ready = self._ready_schedule()
+        self._max_span = max(self.span(k) for k in range(K))
+
+        self.val_acc = MulticlassAccuracy(num_classes=self.num_classes)
+        self.val_acc_best = MaxMetric()
+        self.val_loss = MeanMetric()
+        self.val_top5 = MulticlassAccuracy(num_classes=self.num_classes, top_k=5) if self.num_classes >= 100 else None
+        self.register_buffer("_loss_sum", torch.zeros(K), persistent=False)
+        self._loss_batches = 0
+        self.step_inputs: deque[Tensor] = deque(maxlen=self._max_span)
+
+    # ------------------------------------------------------------------ structure
+    def resolve_split(self, backbone: nn.Module, k: int) -> Split:
+        """Map the nominal K to module boundaries; methods with extra K rules (AugLocal) override this."""
+        return resolve_split(backbone.name, backbone.num_layers, k, self.split_family)
+
+    @property
+    def num_modules(self) -> int:
+        return self.split.num_modules
+
+    def module_layers(self, k: int) -> range:
+        return self.split.module_layers(k)
+
+    def module_output_spec(self, k: int):
+        """LayerSpec of module k's last layer: what its aux net receives."""
+        return self.backbone.specs[self.module_layers(k)[-1]]
+
+    def module_output_shape(self, k: int) -> tuple[int, int]:
+        """(channels, spatial side) of module k's output at ``image_size``."""
+        last = self.module_layers(k)[-1]
+        return self.backbone.specs[last].out_channels, self.backbone.spatial_size(last, self.image_size)
+
+    def module_parameters(self, k: int) -> Iterator[nn.Parameter]:
+        """Trainable parameters stepped by module k's optimizer: its layers, its aux net, and the head if last."""
+        for i in self.module_layers(k):
+            yield from self.backbone.layers[i].parameters()
+        if k < self.num_modules - 1:
+            yield from self.aux[k].parameters()
+        else:
+            yield from self.backbone.head.parameters()
+        yield from self.extra_module_parameters(k)
+
+    def extra_module_parameters(self, k: int) -> Iterator[nn.Parameter]:
+        """Hook for methods that keep per-module parameters outside ``self.aux`` (none by default)."""
+        return iter(())
+
+    def _ready_schedule(self) -> list[list[int]]:
+        """ready[k] = modules whose last incoming loss is loss k (span-aware; j = k for isolated methods)."""
+        K = self.num_modules
+        last_loss = list(range(K))
+        for k in range(K):
+            span = self.span(k)
+            if not 1 <= span <= k + 1:
+                raise ConfigError("method.span", f"loss {k} claims to reach {span} modules", f"1..{k + 1}")
+            for j in range(k - span + 1, k + 1):
+                last_loss[j] = max(last_loss[j], k)
+        return [[j for j in range(K) if last_loss[j] == k] for k in range(K)]
+
+    # ------------------------------------------------------------------ method hooks
+    def build_aux(self, k: int) -> nn.Module:
+        """The auxiliary net for module k (k < K-1). E2E has none (K = 1)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_aux for K > 1")
+
+    def local_loss(self, k: int, h: Tensor, batch) -> Tensor:
+        """Loss of module k < K-1 computed from its output h."""
+        raise NotImplementedError
+
+    def final_loss(self, h: Tensor, batch) -> Tensor:
+        """The last module: plain softmax CE through the backbone's classifier."""
+        return F.cross_entropy(self.backbone.head(h), batch[1])
+
+    def span(self, k: int) -> int:
+        """How many modules loss k reaches (k, k-1, ...). 1 = strict gradient isolation."""
+        return 1
+
+    def forward_module(self, k: int, x: Tensor) -> Tensor:
+        """Run module k's layers on its (detached) input."""
+        for i in self.module_layers(k):
+            x = self.backbone.layers[i](x)
+        return x
+
+    def backward_local(self, k: int, loss: Tensor) -> None:
+        self.manual_backward(loss)
+
+    def after_backward(self, k: int) -> None:
+        """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1."""
+
+    # ------------------------------------------------------------------ helpers for methods
+    def x01(self, batch) -> Tensor:
+        """The de-normalised image in [0, 1] (InfoPro's reconstruction target), computed once per batch."""
+        x = batch[0]
+        if self._x01_cache is not None and self._x01_cache[0] is x:
+            return self._x01_cache[1]
+        if self._denormalize is None:
+            raise ConfigError("dataset", "this method needs the de-normalised image but the data module gave no "
+                              "denormalize()", "a dataset from conf/dataset")
+        out = self._denormalize(x)
+        self._x01_cache = (x, out)
+        return out
+
+    # ------------------------------------------------------------------ Lightning
+    def forward(self, x: Tensor) -> Tensor:
+        """Inference is the plain backbone + head: aux nets are never used."""
+        return self.backbone(x)
+
+    def configure_optimizers(self):
+        groups = [list(self.module_parameters(k)) for k in range(self.num_modules)]
+        seen: dict[int, int] = {}
+        for k, params in enumerate(groups):
+            for p in params:
+                if id(p) in seen:
+                    raise RuntimeError(f"parameter shared by modules {seen[id(p)]} and {k}")
+                seen[id(p)] = k
+        groups = [[p for p in params if p.requires_grad] for params in groups]
+        orphans = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in seen]
+        if orphans:
+            raise RuntimeError(f"trainable parameters in no module's optimizer: {orphans[:5]}")
+        return ModuleOptimizers(groups, self.optim_cfg, self.max_epochs)
+
+    def training_step(self, batch, batch_idx: int):
+        opt = self.optimizers()
+        modules_opt: ModuleOptimizers = opt.optimizer
+        x = batch[0]
+        losses: list[Tensor] = []
+        self.step_inputs.clear()
+        h = x
+        for k in range(self.num_modules):
+            inp = h.detach()
+            if self._max_span > 1:
+                self.step_inputs.append(inp)
+            h = self.forward_module(k, inp)
+            loss = self.final_loss(h, batch) if k == self.num_modules - 1 else self.local_loss(k, h, batch)
+            self.backward_local(k, loss)
+            self.after_backward(k)
+            for j in self._ready[k]:
+                self.reduce_module_grads(j)
+                modules_opt.step_module(j)
+            losses.append(loss.detach())
+        self.step_inputs.clear()
+        self._x01_cache = None
+        opt.step()  # ticks global_step once per batch; every module has already stepped
+        stacked = torch.stack(losses)
+        self._loss_sum += stacked.float()
+        self._loss_batches += 1
+        self.log("train/loss", stacked[-1], prog_bar=True, on_step=True, on_epoch=False)
+        return None
+
+    def reduce_module_grads(self, j: int) -> None:
+        """Hook for data-parallel training: average module j's gradients across processes before it steps."""
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum.zero_()
+        self._loss_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._loss_batches:
+            means = (self._loss_sum / self._loss_batches).tolist()  # one host sync per epoch
+            for k, v in enumerate(means):
+                if math.isfinite(v):
+                    self.log(f"train/loss/m{k}", v, on_epoch=True, sync_dist=False)
+            self.log("train/loss_epoch", means[-1], on_epoch=True)
+        modules_opt: ModuleOptimizers = self.optimizers().optimizer
+        self.log("train/lr", modules_opt.lr, on_epoch=True)
+        modules_opt.step_schedulers()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.val_loss.update(F.cross_entropy(logits, y))
+        self.val_acc.update(logits, y)
+        if self.val_top5 is not None:
+            self.val_top5.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(acc)
+        self.log("val/acc", acc, prog_bar=True)
+        self.log("val/loss", self.val_loss.compute())
+        self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called else acc,
+                 prog_bar=True)
+        if self.val_top5 is not None:
+            self.log("val/acc_top5", self.val_top5.compute())
+            self.val_top5.reset()
+        self.val_acc.reset()
+        self.val_loss.reset()
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.val_acc.compute())
+        self.log("test/loss", self.val_loss.compute())
+        self.val_acc.reset()
+        self.val_loss.reset()
+
+    # ------------------------------------------------------------------ reporting
+    def describe(self) -> dict:
+        """What a run should record about its split: the K label, the real module count, the boundaries."""
+        return {"method": type(self).__name__, "k": self.split.k_label, "modules": self.num_modules,
+                "boundaries": list(self.split.boundaries), "split_source": self.split.source}

@@ -1,0 +1,1 @@
+"""One file per method; each class is a LightningModule subclassing :class:`lla.engine.LocalLearner`."""

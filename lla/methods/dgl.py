@@ -1,0 +1,32 @@
+"""DGL, Decoupled Greedy Learning (Belilovsky et al., ICML 2020), METHODS.md §5.2.
+
+Module k (k < K-1) minimises ``CE(aux_k(h_k), y)`` with weight 1 on a small auxiliary classifier; there is no
+reconstruction term. ``head`` picks one of the three published heads (official | auglocal | man), which is why "DGL"
+rows differ between papers (§11.8).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lla.aux.dgl import DGL_HEADS
+from lla.aux.rules import DGLRule
+from lla.engine import LocalLearner
+from lla.errors import ConfigError
+
+
+class DGL(LocalLearner):
+    split_family = "infopro"  # DGL rows use InfoPro's split tables (§5.2)
+
+    def __init__(self, *args, head: str = "official", feature_dim: int = 128, **kwargs):
+        if head not in DGL_HEADS:
+            raise ConfigError("method.head", f"unknown DGL head {head!r}", ", ".join(DGL_HEADS))
+        self.head_kind, self.feature_dim = head, feature_dim
+        super().__init__(*args, **kwargs)
+
+    def build_aux(self, k: int) -> nn.Module:
+        channels, spatial = self.module_output_shape(k)
+        return DGLRule(channels, spatial, self.num_classes, self.head_kind, self.feature_dim)
+
+    def local_loss(self, k: int, h: Tensor, batch) -> Tensor:
+        return self.aux[k](h, batch[1])

@@ -1,0 +1,137 @@
+"""One optimizer and one LR scheduler per local module, behind a single Lightning-facing optimizer.
+
+Why a container: Lightning counts ``global_step`` (and so ``max_steps`` and logging intervals) as calls to
+``LightningOptimizer.step``. With K separately registered optimizers a batch would count K steps. The engine steps
+each module's own SGD the moment that module's last loss is back-propagated (``step_module``) and then calls the
+container's ``step`` once per batch, which only ticks Lightning's counter. Checkpoints carry every module's optimizer
+and scheduler state through the container's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lla.errors import ConfigError
+from lla.schedules import SCHEDULES, lr_factor
+
+
+@dataclass
+class OptimConfig:
+    """SGD recipe shared by every reference script (§6.1): momentum 0.9, nesterov, wd 1e-4 on all parameters."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "warmup_cosine"
+    warmup_epochs: int = 10
+    warmup_start_lr: float = 0.01
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError("optim.lr", f"must be > 0, got {self.lr}", "a positive float, e.g. 0.1")
+        if self.weight_decay < 0:
+            raise ConfigError("optim.weight_decay", f"must be >= 0, got {self.weight_decay}", ">= 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("optim.momentum", f"SGD momentum must be in [0, 1), got {self.momentum}", "[0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError("optim.schedule", f"unknown schedule {self.schedule!r}", ", ".join(SCHEDULES))
+        if self.warmup_epochs < 0:
+            raise ConfigError("optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}", ">= 0")
+
+
+class ModuleOptimizers(torch.optim.Optimizer):
+    """K independent SGD optimizers (one per local module) with one LambdaLR each.
+
+    ``param_groups`` is the concatenation of the inner groups (the same dicts), so anything that reads or sets a
+    group's LR through the container acts on the real optimizer.
+    """
+
+    def __init__(self, module_params: Sequence[Sequence[nn.Parameter]], cfg: OptimConfig, epochs: int):
+        # Deliberately not calling Optimizer.__init__: this object owns no parameters of its own.
+        self.cfg = cfg
+        self.optimizers = [
+            torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                            weight_decay=cfg.weight_decay)
+            for params in module_params
+        ]
+        factor = lr_factor(cfg.schedule, cfg.lr, max(int(epochs), 1), cfg.warmup_epochs, cfg.warmup_start_lr)
+        self.schedulers = [LambdaLR(opt, factor) for opt in self.optimizers]
+        self.defaults = dict(self.optimizers[0].defaults) if self.optimizers else {}
+        self._stepped = [False] * len(self.optimizers)
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    # -- the torch.optim.Optimizer surface Lightning touches -------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:  # Optimizer internals may assign; the inner optimizers own the groups.
+        pass
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        merged: dict = {}
+        for opt in self.optimizers:
+            merged.update(opt.state)
+        return merged
+
+    @state.setter
+    def state(self, value) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if len(state_dict["optimizers"]) != len(self.optimizers):
+            raise ConfigError("ckpt_path", f"checkpoint has {len(state_dict['optimizers'])} module optimizers, "
+                              f"this run has {len(self.optimizers)}", "a checkpoint of the same method, backbone and K")
+        for opt, sd in zip(self.optimizers, state_dict["optimizers"]):
+            opt.load_state_dict(sd)
+        for sch, sd in zip(self.schedulers, state_dict.get("schedulers", [])):
+            sch.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return f"ModuleOptimizers({len(self.optimizers)} x SGD, schedule={self.cfg.schedule})"
+
+    # -- per-module stepping ------------------------------------------------------------------------------------
+    def step_module(self, j: int) -> None:
+        """Update module j now and free its gradients (the gradient-memory half of the saving)."""
+        self.optimizers[j].step()
+        self.optimizers[j].zero_grad(set_to_none=True)
+        self._stepped[j] = True
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Once per batch: step any module not stepped yet (none, in the engine's loop) and reset the flags."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for j, done in enumerate(self._stepped):
+            if not done:
+                self.optimizers[j].step()
+                self.optimizers[j].zero_grad(set_to_none=True)
+        self._stepped = [False] * len(self.optimizers)
+        return loss
+
+    def step_schedulers(self) -> None:
+        for sch in self.schedulers:
+            sch.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
