@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from hydra.utils import get_class, get_method, instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lla.errors import ConfigError
@@ -41,12 +41,9 @@ def accepted_kwargs(target) -> tuple[set[str], bool]:
 
 def _resolve_target(path: str, group: str):
     try:
-        return get_class(path)
-    except Exception:
-        try:
-            return get_method(path)
-        except Exception as err:
-            raise ConfigError(f"{group}._target_", f"cannot import {path!r} ({err})", "a class or function path") from None
+        return get_object(path)
+    except Exception as err:
+        raise ConfigError(f"{group}._target_", f"cannot import {path!r} ({err})", "a class or function path") from None
 
 
 def check_keys(cfg: DictConfig | Mapping, group: str, provided: set[str] = frozenset()) -> None:
