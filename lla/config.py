@@ -67,7 +67,16 @@ def check_keys(cfg: DictConfig | Mapping, group: str, provided: set[str] = froze
 def instantiate_checked(cfg: DictConfig, group: str, **kwargs: Any):
     """``hydra.utils.instantiate`` after :func:`check_keys`, so a typo fails with one clear line."""
     check_keys(cfg, group, provided=set(kwargs))
-    return instantiate(cfg, **kwargs)
+    try:
+        return instantiate(cfg, **kwargs)
+    except Exception as err:
+        # Hydra wraps constructor errors in InstantiationException; surface our one-line ConfigError instead.
+        cause = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def to_plain(cfg) -> Any:
