@@ -1,0 +1,168 @@
+"""MAN, Momentum Auxiliary Network (Su et al., ECCV 2024, arXiv 2407.05623), METHODS.md §5.5.
+
+MAN is a plug-in on a base local rule (InfoPro or DGL). For every local module k < K-1, let B_next be the first
+block of module k+1. Module k's aux path gets two copies of B_next: ``EMA_k`` (no gradient, pulled towards the live
+B_next by an EMA after every local backward) and ``LB_k`` (a trainable "learnable bias" copy). The base rule then
+runs on ``y_k = LB_k(h_k) + EMA_k(h_k)``, sized for B_next's *output* (2x channels, half size if B_next opens a
+stage). Loss k reaches LB_k and module k (through EMA_k's activations), never EMA_k's parameters or module k+1.
+
+Matches the reference (JunhaoSu0/MAN) in: the EMA update right after module k's backward, i.e. before module k+1
+steps, so it reads B_next's weights from the end of the previous iteration (§4, §5.5.5); parameters only, BN running
+stats not averaged; the stage-index lambda schedule ``r = lo/(K-2)`` with the nominal K (§5.5.7, §9.2).
+Switchable where the reference looks unintended (§9.3, §11.2-§11.4):
+
+* ``init_from_target`` (default true): LB/EMA start equal to B_next. False reproduces the reference, whose global
+  init loop re-draws both copies (independently) after the deepcopy: here a fresh ``backbone.make_block``.
+* ``lambda_schedule``: ``stage_index`` (MAN reproduction) or ``module_index`` (InfoPro's own schedule).
+* ``learnable_scale``: MAN++'s ``y = s*LB(h) + (2-s)*EMA(h)`` with a learnable scalar s per module, init 1.
+* ImageNet (§5.5.9): the reference hard-codes ``5*BCE + 0.75*CE``; here ixx/ixy apply, and the default ``ixy_1``
+  (null) resolves to 0.75 on ImageNet backbones and 0.5 (MAN README) elsewhere, so defaults give the same loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from lla.aux.rules import BASES, LocalRule, make_rule
+from lla.ema import check_momentum, ema_update, make_ema_copy
+from lla.engine import LocalLearner
+from lla.errors import ConfigError
+
+SCHEDULES = ("stage_index", "module_index")
+DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (§5.2c)
+
+
+class MomentumAux(nn.Module):
+    """Module k's aux path: ``rule(LB(h) + EMA(h))`` (or MAN++'s scaled mix). Owned by module k's optimizer;
+    the EMA copy's parameters have requires_grad=False, so that optimizer skips them."""
+
+    def __init__(self, lb: nn.Module, ema: nn.Module, rule: LocalRule, learnable_scale: bool = False):
+        super().__init__()
+        self.lb, self.ema, self.rule = lb, ema, rule
+        self.scale = nn.Parameter(torch.ones(())) if learnable_scale else None
+
+    @property
+    def needs_x01(self) -> bool:
+        return self.rule.needs_x01
+
+    def augment(self, h: Tensor) -> Tensor:
+        """y = LB(h) + EMA(h) on the same h (no clone: both blocks save the one tensor for backward)."""
+        if self.scale is None:
+            return self.lb(h) + self.ema(h)
+        return self.scale * self.lb(h) + (2.0 - self.scale) * self.ema(h)  # MAN++ (§5.5.10)
+
+    def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
+        return self.rule(self.augment(h), y, x01)
+
+
+class MAN(LocalLearner):
+    """InfoPro+MAN / DGL+MAN. Options are documented in ``conf/method/man.yaml``."""
+
+    split_family = "man"  # MAN's K labels: R32 "16" = 15 modules, R110 "55" = 54 (§3, §9.1)
+
+    def __init__(self, *args, base: str = "infopro", ema_momentum: float = 0.995, init_from_target: bool = True,
+                 lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float | None = None,
+                 ixx_2: float = 0.0, ixy_2: float = 0.0, head: str | None = None, loss: str = "ce",
+                 feature_dim: int = 128, widen: int = 1, learnable_scale: bool = False, **kwargs):
+        if base not in BASES:
+            raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))
+        if lambda_schedule not in SCHEDULES:
+            raise ConfigError("method.lambda_schedule", f"unknown schedule {lambda_schedule!r}", ", ".join(SCHEDULES))
+        if not isinstance(init_from_target, bool):
+            raise ConfigError("method.init_from_target", f"must be a boolean, got {init_from_target!r}", "true, false")
+        self.base, self.lambda_schedule = base, lambda_schedule
+        self.ema_momentum = check_momentum(ema_momentum)
+        self.init_from_target, self.learnable_scale = init_from_target, bool(learnable_scale)
+        self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2 = ixx_1, ixy_1, ixx_2, ixy_2
+        self.head_kind = head if head is not None else DEFAULT_HEADS[base]
+        self.loss_kind, self.feature_dim, self.widen = loss, feature_dim, widen
+        self.lambdas: list[tuple[float, float]] = []  # (lam1, lam2) per local module; empty for base dgl
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ structure
+    def next_block_index(self, k: int) -> int:
+        """Global index of B_next, the first layer of module k+1 (§5.5.1)."""
+        return self.module_layers(k + 1)[0]
+
+    def build_aux(self, k: int) -> nn.Module:
+        idx = self.next_block_index(k)
+        target = self.backbone.layers[idx]
+        if self.init_from_target:
+            lb, ema = copy.deepcopy(target), make_ema_copy(target)
+        else:  # the reference: both copies re-drawn by the init loop, independently (§5.5.6)
+            lb, ema = self._fresh_block(idx), make_ema_copy(self._fresh_block(idx))
+        for p in lb.parameters():
+            p.requires_grad_(True)
+        # The rule sees B_next's output: 2x channels and half the size when B_next opens a stage (§5.5.3).
+        channels = self.backbone.specs[idx].out_channels
+        spatial = self.backbone.spatial_size(idx, self.image_size)
+        rule = make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
+                         image_size=self.image_size, options=self._rule_options(k, idx))
+        return MomentumAux(lb, ema, rule, self.learnable_scale)
+
+    def _fresh_block(self, idx: int) -> nn.Module:
+        """A newly initialised block with B_next's architecture, drawn with the backbone's own init scheme."""
+        spec, target = self.backbone.specs[idx], self.backbone.layers[idx]
+        try:
+            block = self.backbone.make_block(spec.in_channels, spec.out_channels, spec.stride)
+        except NotImplementedError:
+            block = None
+        want = {n: t.shape for n, t in target.state_dict().items()}
+        if block is None or {n: t.shape for n, t in block.state_dict().items()} != want:
+            raise ConfigError("method.init_from_target", f"{self.backbone.name} cannot build a fresh copy of layer "
+                              f"{idx}", "true (start the copies from B_next's weights)")
+        return block.to(next(target.parameters()).device)
+
+    def _rule_options(self, k: int, idx: int) -> dict:
+        if self.base == "dgl":
+            return {"head": self.head_kind, "feature_dim": self.feature_dim}
+        lam1, lam2 = self._lambdas(k, idx)
+        self.lambdas.append((lam1, lam2))
+        variant = "imagenet" if self.backbone.family == "imagenet_resnet" else "cifar"
+        return {"head": self.head_kind, "loss": self.loss_kind, "lam1": lam1, "lam2": lam2,
+                "widen": self.widen, "feature_dim": self.feature_dim, "variant": variant}
+
+    def _lambdas(self, k: int, idx: int) -> tuple[float, float]:
+        """InfoPro weights of module k under the chosen schedule (§5.3, §5.5.7)."""
+        from lla.aux.infopro import infopro_lambdas, stage_index_lambdas
+
+        ixy_1 = self.ixy_1
+        if ixy_1 is None:  # §5.5.9: ImageNet's hard-coded 0.75; the CIFAR README's 0.5
+            ixy_1 = 0.75 if self.backbone.family == "imagenet_resnet" else 0.5
+        w = (self.ixx_1, ixy_1, self.ixx_2, self.ixy_2)
+        if self.lambda_schedule == "module_index":
+            lam1, lam2 = infopro_lambdas(k, self.num_modules, *w)
+        else:  # r = lo / (K-2): lo = B_next's stage, K = the nominal label (R32 "16" -> 14, not 13)
+            lam1, lam2 = stage_index_lambdas(self.backbone.specs[idx].stage, self.nominal_k, *w)
+        if lam1 < 0 or lam2 < 0 or lam1 == lam2 == 0:  # r > 1 extrapolates past (ixx_2, ixy_2): §5.5.7, §9.2
+            raise ConfigError("method.lambda_schedule", f"{self.lambda_schedule} gives module {k} the weights "
+                              f"lam1={lam1:.3g}, lam2={lam2:.3g} at K={self.nominal_k}: negative or both zero",
+                              "stage_index with K >= 8 (README ixx/ixy), or module_index with ixx_2/ixy_2 not both 0")
+        return float(lam1), float(lam2)
+
+    @property
+    def nominal_k(self) -> int:
+        """The table key the split came from (MAN's ``local_module_num``), else the user's K label."""
+        parts = self.split.source.split(":")
+        if len(parts) == 3 and parts[0] == "table" and parts[2].isdigit():
+            return int(parts[2])
+        return int(self.split.k_label)
+
+    # ------------------------------------------------------------------ step hooks
+    def local_loss(self, k: int, h: Tensor, batch) -> Tensor:
+        aux = self.aux[k]
+        return aux(h, batch[1], self.x01(batch) if aux.needs_x01 else None)
+
+    def after_backward(self, k: int) -> None:
+        """EMA_k <- m EMA_k + (1-m) B_next, before module k+1 steps this batch (§5.5.5)."""
+        if k < self.num_modules - 1:
+            ema_update(self.aux[k].ema, self.backbone.layers[self.next_block_index(k)], self.ema_momentum)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(base=self.base, ema_momentum=self.ema_momentum, init_from_target=self.init_from_target,
+                   lambda_schedule=self.lambda_schedule, lambdas=[list(w) for w in self.lambdas])
+        return out
