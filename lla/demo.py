@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from lla.cli import CONF_DIR, train
 
@@ -22,14 +24,22 @@ from lla.cli import CONF_DIR, train
 RUNS: list[tuple[str, list[str]]] = [
     ("e2e", ["method=e2e"]),
     ("dgl", ["method=dgl"]),
+    ("infopro", ["method=infopro"]),
+    ("auglocal", ["method=auglocal"]),
+    ("dgl+man", ["method=man", "method.base=dgl"]),
+    ("infopro+man", ["method=man", "method.base=infopro"]),
+    ("dgl+mlaan", ["method=mlaan", "method.base=dgl"]),
+    ("infopro+mlaan", ["method=mlaan", "method.base=infopro"]),
 ]
 
 
 def compose_run(overrides: list[str]):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as under run.py
     choices = dict(cfg.hydra.runtime.choices)
-    del cfg["hydra"]
+    with open_dict(cfg):
+        del cfg["hydra"]
     return cfg, choices
 
 

@@ -7,7 +7,7 @@ class ConfigError(ValueError):
     `str(err)` is the one line the CLI prints: ``<key>: <problem>; allowed: <allowed>``.
     """
 
-    def __init__(self, key: str, problem: str, allowed: str | None = None):
+    def __init__(self, key: str, problem: str = "invalid value", allowed: str | None = None):
         self.key, self.problem, self.allowed = key, problem, allowed
         msg = f"{key}: {problem}"
         if allowed:
