@@ -1,0 +1,225 @@
+"""MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang, ..., Su, Cai; arXiv 2406.16633, AAAI 2025), §5.6.
+
+A plug-in on a base rule (DGL or InfoPro). Every local module k < K-1 has two losses on its output h_k:
+
+* MLM, independent: ``wx * rule(h_k)`` on its own head; it reaches module k only;
+* MLM, cascaded + LAM: ``wy * lam_rule(LAM_k(h_k))`` where ``LAM_k`` is built from copies of downstream primary
+  blocks (``lla.aux.lam``) and its first block is paired with an EMA copy of the live primary block. This loss reaches
+  modules k-span+1..k (span = ``cascade_span``, fewer at the start): the gradient crosses module boundaries.
+
+The last module: ``wx * CE(fc(h))`` reaching module K-1 (+ fc) and ``wy * CE(fc(h))`` reaching the last span modules.
+
+The engine steps a module only after the last loss that reaches it (``span``). Instead of the reference's second
+"y" path (span+1 module forwards per loss), ``forward_module`` recomputes modules k-span+1..k *with graph* from the
+detached input the engine kept in ``step_inputs``: span forwards per loss, same values. ``backward_local`` cuts the
+graph at h_k: each head is back-propagated alone to get its gradient on h_k, then module k receives the independent
+gradient (``inputs=`` module k's parameters, the one retained pass) and the cascaded one goes through all span
+modules, which frees every graph. BN running stats update once per forward, so span times per step (the reference:
+span+1 times); they never affect training-mode outputs, only evaluation.
+
+Faithful to the reference in: the LAM tables, ``A[0](z) + EMA[0](z)``, EMA over parameters only, right after the
+module's backward (so it reads the source block's weights from the end of the previous step), wx/wy 0.001/0.999.
+Deliberate defaults for the paper's intent, each switchable back to a reference quirk (§9.5, §11.5):
+
+* ``update_all_ema`` (true): every module's EMA is updated; false = CIFAR code, only the last local module's.
+* ``early_losses`` (true): modules before the first full window get a loss over the modules that exist (module 0:
+  span 1); false = reference, which gives modules k < span-1 no loss of their own (only the cascade reaches them).
+* ``final_x_loss`` (true): final loss ``wx*CE(x) + wy*CE(y)`` (ImageNet code); false = CIFAR code, whose CE(x) is
+  overwritten, leaving ``CE(y)`` with weight 1.
+* ``lam_init_from_primary`` (true): LAM copies start equal to the primary (CIFAR); false = fresh init (ImageNet).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lla.aux.dgl import DGL_HEADS
+from lla.aux.lam import DEFAULT_DEPTH, LAMNet, LinearRule, copy_lam_blocks, lam_lists, lam_output_shape
+from lla.aux.rules import BASES, LocalRule, make_rule
+from lla.ema import check_momentum, ema_update
+from lla.engine import LocalLearner
+from lla.errors import ConfigError
+
+SCHEDULES = ("stage_index", "module_index")
+DEFAULT_HEADS = {"dgl": "man", "infopro": "1c2f"}  # auxDGL (resnetDGLbin.py); run32-cifar10.txt passes 1c2f
+LAM_HEADS = ("linear", "rule")
+
+
+class MLAANAux(nn.Module):
+    """Module k's aux nets: the independent MLM head and the LAM net (both stepped by module k's optimizer)."""
+
+    def __init__(self, mlm: LocalRule, lam: LAMNet):
+        super().__init__()
+        self.mlm, self.lam = mlm, lam
+        self.needs_x01 = mlm.needs_x01 or lam.needs_x01
+
+
+class MLAAN(LocalLearner):
+    """DGL+MLAAN / InfoPro+MLAAN. Options are documented in ``conf/method/mlaan.yaml``."""
+
+    split_family = "mlaan"  # R32 "16" -> 15 modules, R110 "55" -> 54 (§3, §9.1)
+
+    def __init__(self, *args, base: str = "dgl", cascade_span: int = 2, wx: float = 0.001, wy: float = 0.999,
+                 ema_momentum: float = 0.995, update_all_ema: bool = True, lam_init_from_primary: bool = True,
+                 lam_depth: int = DEFAULT_DEPTH, lam_head: str | None = None, early_losses: bool = True,
+                 final_x_loss: bool = True, head: str | None = None, loss: str = "ce", feature_dim: int = 128,
+                 widen: int = 1, lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float = 0.5,
+                 ixx_2: float = 0.0, ixy_2: float = 0.0, **kwargs):
+        if base not in BASES:
+            raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))
+        for key, value, lo in (("cascade_span", cascade_span, 1), ("lam_depth", lam_depth, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"method.{key}", f"must be an integer >= {lo}, got {value!r}", f">= {lo}")
+        if not (wx >= 0 and wy >= 0 and wx + wy > 0):
+            raise ConfigError("method.wx", f"loss weights must be >= 0 and not both 0, got wx={wx}, wy={wy}",
+                              "wx, wy >= 0 (paper: 0.001, 0.999)")
+        for key, value in (("update_all_ema", update_all_ema), ("lam_init_from_primary", lam_init_from_primary),
+                           ("early_losses", early_losses), ("final_x_loss", final_x_loss)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"method.{key}", f"must be a boolean, got {value!r}", "true, false")
+        self.base, self.head_kind = base, head if head is not None else DEFAULT_HEADS[base]
+        if base == "dgl" and self.head_kind not in (*DGL_HEADS, "linear"):
+            raise ConfigError("method.head", f"unknown DGL head {self.head_kind!r}", ", ".join((*DGL_HEADS, "linear")))
+        self.lam_head = lam_head if lam_head is not None else ("linear" if base == "dgl" else "rule")
+        if self.lam_head not in LAM_HEADS:
+            raise ConfigError("method.lam_head", f"unknown LAM head {lam_head!r}", ", ".join(LAM_HEADS))
+        if lambda_schedule not in SCHEDULES:
+            raise ConfigError("method.lambda_schedule", f"unknown schedule {lambda_schedule!r}", ", ".join(SCHEDULES))
+        self.cascade_span, self.wx, self.wy = cascade_span, float(wx), float(wy)
+        self.ema_momentum = check_momentum(ema_momentum)
+        self.update_all_ema, self.lam_init_from_primary, self.lam_depth = update_all_ema, lam_init_from_primary, lam_depth
+        self.early_losses, self.final_x_loss = early_losses, final_x_loss
+        self.loss_kind, self.feature_dim, self.widen, self.lambda_schedule = loss, feature_dim, widen, lambda_schedule
+        self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2 = ixx_1, ixy_1, ixx_2, ixy_2
+        # The reference gives a module its own loss only once a full window exists (k >= span-1).
+        self.first_loss = 0 if early_losses else cascade_span - 1
+        self.lam_layers: list[list[int]] | None = None
+        self.lam_source, self.lambdas = "", {}
+        self._pending: tuple | None = None
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ structure
+    def span(self, k: int) -> int:
+        """Loss k reaches modules k-span+1..k; a module without its own loss, or a zero cascade weight, reaches 1."""
+        last = k == self.num_modules - 1
+        wy = (self.wy if self.final_x_loss else 1.0) if last else self.wy
+        if (k < self.first_loss and not last) or wy == 0:
+            return 1
+        return min(self.cascade_span, k + 1)
+
+    def build_aux(self, k: int) -> nn.Module:
+        if self.lam_layers is None:
+            self.lam_layers, self.lam_source = lam_lists(self.backbone, self.split, self.lam_depth)
+        if k < self.first_loss:
+            return nn.Module()  # no loss of its own, so no aux net (§9.7)
+        channels, spatial = self.module_output_shape(k)
+        layers = self.lam_layers[k]
+        lam_c, lam_s = lam_output_shape(self.backbone, layers, channels, spatial)
+        mlm = self._rule(self.head_kind, channels, spatial, k)
+        lam_rule = LinearRule(lam_c, self.num_classes) if self.lam_head == "linear" else \
+            self._rule(self.head_kind, lam_c, lam_s, k)
+        blocks, ema = copy_lam_blocks(self.backbone, layers, self.lam_init_from_primary)
+        return MLAANAux(mlm, LAMNet(blocks, ema, lam_rule))
+
+    def _rule(self, head: str, channels: int, spatial: int, k: int) -> LocalRule:
+        if self.base == "dgl":
+            if head == "linear":  # resnetMLAAN.py: GAP + Linear
+                return LinearRule(channels, self.num_classes)
+            options = {"head": head, "feature_dim": self.feature_dim}
+        else:
+            lam1, lam2 = self._lambdas(k)
+            # Always the width-generic CIFAR aux nets: MLAAN heads sit on every block's output (64..2048 wide), and
+            # MLAAN's ImageNet code has no InfoPro variant (its heads are GAP+FC), so the fixed 512/1024-channel
+            # ImageNet nets of §5.3 do not apply.
+            options = {"head": head, "loss": self.loss_kind, "lam1": lam1, "lam2": lam2, "widen": self.widen,
+                       "feature_dim": self.feature_dim, "variant": "cifar"}
+        return make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
+                         image_size=self.image_size, options=options)
+
+    def _lambdas(self, k: int) -> tuple[float, float]:
+        """InfoPro weights of module k; the same pair for both heads (resnetInfoProbin.py)."""
+        from lla.aux.infopro import infopro_lambdas, stage_index_lambdas
+
+        if k not in self.lambdas:
+            w = (self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2)
+            if self.lambda_schedule == "module_index":
+                lam = infopro_lambdas(k, self.num_modules, *w)
+            else:  # r = stage(end of module k) / (K-2), K = the table key (§9.2)
+                lam = stage_index_lambdas(self.module_output_spec(k).stage, self.nominal_k, *w)
+            if min(lam) < 0:
+                raise ConfigError("method.lambda_schedule", f"{self.lambda_schedule} gives module {k} negative "
+                                  f"weights {lam} at K={self.nominal_k}", "module_index, or stage_index with K >= 8")
+            self.lambdas[k] = (float(lam[0]), float(lam[1]))
+        return self.lambdas[k]
+
+    @property
+    def nominal_k(self) -> int:
+        """The table key the split came from (MLAAN's ``local_module_num``), else the user's K label."""
+        parts = self.split.source.split(":")
+        return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else int(self.split.k_label)
+
+    # ------------------------------------------------------------------ step hooks
+    def forward_module(self, k: int, x: Tensor) -> Tensor:
+        """Recompute modules k-span+1..k with graph from the detached input the engine kept (same values)."""
+        s, kept = self.span(k), self.step_inputs
+        if s == 1 or len(kept) < s or kept[-1] is not x:  # not inside a training step: plain forward
+            return super().forward_module(k, x)
+        h = kept[-s]
+        for j in range(k - s + 1, k + 1):
+            h = super().forward_module(j, h)
+        return h
+
+    def local_loss(self, k: int, h: Tensor, batch) -> Tensor:
+        if k < self.first_loss:
+            self._pending = None
+            return h.new_zeros(())
+        aux, y = self.aux[k], batch[1]
+        x01 = self.x01(batch) if aux.needs_x01 else None
+        cut = h.detach().requires_grad_()  # heads back-propagate to here; backward_local routes the rest
+        loss_x, loss_y = aux.mlm(cut, y, x01), aux.lam(cut, y, x01)
+        self._pending = (h, cut, [(self.wx, loss_x), (self.wy, loss_y)])
+        return (self.wx * loss_x + self.wy * loss_y).detach()
+
+    def final_loss(self, h: Tensor, batch) -> Tensor:
+        cut = h.detach().requires_grad_()
+        loss = F.cross_entropy(self.backbone.head(cut), batch[1])
+        wfx, wfy = (self.wx, self.wy) if self.final_x_loss else (0.0, 1.0)
+        self._pending = (h, cut, [(wfx + wfy, loss)], wfx / (wfx + wfy))
+        return loss.detach()
+
+    def backward_local(self, k: int, loss: Tensor) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        h, cut = pending[0], pending[1]
+        grads = []
+        for w, part in pending[2]:  # each head alone: its parameter gradients, and its gradient on h_k
+            self.manual_backward(w * part)
+            grads.append(cut.grad)
+            cut.grad = None
+        if len(pending) == 4:  # the final module: one head, split into its x and y shares
+            gx = grads[0] * pending[3]
+            grads = [gx, grads[0] - gx] if pending[3] > 0 else [None, grads[0]]
+        gx, gy = grads
+        if self.span(k) == 1:
+            h.backward(gy if gx is None else gx + gy)
+            return
+        if gx is not None:  # the independent loss reaches module k only; keep the graph for the cascade
+            own = [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
+            torch.autograd.backward(h, gx, inputs=own, retain_graph=True)
+        h.backward(gy)  # the cascade: modules k-span+1..k; frees every graph of this loss
+
+    def after_backward(self, k: int) -> None:
+        """EMA_k <- m EMA_k + (1-m) source, before the source block's module steps in this batch (§5.6)."""
+        if self.first_loss <= k < self.num_modules - 1 and (self.update_all_ema or k == self.num_modules - 2):
+            ema_update(self.aux[k].lam.ema, self.backbone.layers[self.lam_layers[k][0]], self.ema_momentum)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(base=self.base, cascade_span=self.cascade_span, wx=self.wx, wy=self.wy,
+                   ema_momentum=self.ema_momentum, update_all_ema=self.update_all_ema,
+                   early_losses=self.early_losses, final_x_loss=self.final_x_loss, lam_source=self.lam_source,
+                   lam_layers=self.lam_layers, lambdas={k: list(v) for k, v in self.lambdas.items()})
+        return out
