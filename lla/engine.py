@@ -200,18 +200,25 @@ class LocalLearner(L.LightningModule):
         losses: list[Tensor] = []
         self.step_inputs.clear()
         h = x
+        sync = self._grad_sync()  # None in a single process
+        pending: list[int] = []   # data-parallel only: modules whose gradient all-reduce is in flight
         for k in range(self.num_modules):
             inp = h.detach()
             if self._max_span > 1:
                 self.step_inputs.append(inp)
-            h = self.forward_module(k, inp)
+            h = self.forward_module(k, inp)  # overlaps the all-reduce of `pending`
             loss = self.final_loss(h, batch) if k == self.num_modules - 1 else self.local_loss(k, h, batch)
             self.backward_local(k, loss)
+            self._step_modules(pending, modules_opt)  # ready at loss k-1: loss k never reaches them
             self.after_backward(k)
-            for j in self._ready[k]:
-                self.reduce_module_grads(j)
-                modules_opt.step_module(j)
+            if sync is None:
+                self._step_modules(self._ready[k], modules_opt)  # step + free gradients right away
+            else:
+                pending = self._ready[k]
+                for j in pending:
+                    self.start_grad_sync(j)
             losses.append(loss.detach())
+        self._step_modules(pending, modules_opt)
         self.step_inputs.clear()
         self._x01_cache = None
         opt.step()  # ticks global_step once per batch; every module has already stepped
@@ -221,8 +228,34 @@ class LocalLearner(L.LightningModule):
         self.log("train/loss", stacked[-1], prog_bar=True, on_step=True, on_epoch=False)
         return None
 
+    def _grad_sync(self):
+        """The strategy's per-module gradient all-reducer (lla.distributed), or None in a single process."""
+        return getattr(self._trainer.strategy, "grad_sync", None) if self._trainer is not None else None
+
+    def _step_modules(self, modules: list[int], modules_opt: ModuleOptimizers) -> None:
+        for j in modules:
+            self.reduce_module_grads(j)
+            modules_opt.step_module(j)
+
+    def start_grad_sync(self, j: int) -> None:
+        """Data-parallel training: launch module j's async gradient all-reduce (lla.distributed); no-op otherwise."""
+        sync = self._grad_sync()
+        if sync is not None:
+            sync.launch(self, j)
+
     def reduce_module_grads(self, j: int) -> None:
-        """Hook for data-parallel training: average module j's gradients across processes before it steps."""
+        """Data-parallel training: average module j's gradients across processes before it steps (waits for the
+        all-reduce ``start_grad_sync`` launched, or runs it now)."""
+        sync = self._grad_sync()
+        if sync is not None:
+            sync.wait(self, j)
+
+    def on_fit_start(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            raise ConfigError("trainer.strategy", "DistributedDataParallel allows one backward per step, local "
+                              "learning runs one per module", "trainer=ddp (lla.distributed.LocalDDPStrategy)")
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum.zero_()
@@ -273,5 +306,5 @@ class LocalLearner(L.LightningModule):
     # ------------------------------------------------------------------ reporting
     def describe(self) -> dict:
         """What a run should record about its split: the K label, the real module count, the boundaries."""
-        return {"method": type(self).__name__, "k": self.split.k_label, "modules": self.num_modules,
+        return {"method_class": type(self).__name__, "k": self.split.k_label, "modules": self.num_modules,
                 "boundaries": list(self.split.boundaries), "split_source": self.split.source}

@@ -1,0 +1,469 @@
+"""Multi-process data-parallel training for per-module local learning (``trainer=ddp``).
+
+Why not Lightning's ``strategy=ddp``: DistributedDataParallel's reducer expects one backward per forward, while the
+engine runs one backward per local module and steps each module as soon as its last loss is back-propagated.
+:class:`LocalDDPStrategy` does everything DDP does *except* wrap the model: it starts the processes, builds the
+process group and the distributed samplers, broadcasts rank 0's parameters and buffers at setup, and leaves gradient
+averaging to the engine, module by module (:class:`ModuleGradSync`):
+
+    backward_local(k) -> after_backward(k) -> start_grad_sync(j)      flatten module j's grads, async all-reduce
+    ... the next module's forward (and backward) run while it is in flight ...
+    reduce_module_grads(j) -> step_module(j)                           wait, unflatten, step
+
+With every rank applying the same averaged gradients to the same weights, parameters stay bitwise equal across ranks,
+and so do EMA copies (MAN, MLAAN), which are computed from parameters only (lla/ema.py).
+
+Also here: a sync-BN layer that works where torch's ``SyncBatchNorm`` does not (CPU/gloo), a CPU process launcher
+with timeouts for tests and benchmarks (:func:`spawn`), and :func:`measure_ddp_overhead` (``python -m
+lla.distributed --bench 2``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lla.errors import ConfigError
+
+#: devices on which torch's own SyncBatchNorm runs (its kernels are GPU-only); elsewhere AllReduceSyncBatchNorm
+_TORCH_SYNC_BN_DEVICES = ("cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name())
+
+
+# ---------------------------------------------------------------------------------------------------- state sync
+@torch.no_grad()
+def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0, group=None) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values: one flattened broadcast per (device, dtype)."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for group_tensors in by_kind.values():
+        flat = _flatten_dense_tensors(group_tensors)
+        dist.broadcast(flat, src=src, group=group)
+        for t, new in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors)):
+            t.copy_(new)
+
+
+def persistent_buffers(module: nn.Module) -> Iterator[Tensor]:
+    """Buffers a checkpoint carries (BN running stats), not scratch ones such as the engine's loss sums."""
+    for mod in module.modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                yield buf
+
+
+def broadcast_module_states(module: nn.Module, src: int = 0, buffers_only: bool = False) -> None:
+    """Make every rank hold rank ``src``'s parameters (EMA copies included) and persistent buffers."""
+    tensors = [] if buffers_only else [p.data for p in module.parameters()]
+    broadcast_tensors([*tensors, *persistent_buffers(module)], src=src)
+
+
+# ---------------------------------------------------------------------------------------------------- grad sync
+def _buckets(params: list[nn.Parameter], cap_bytes: int) -> Iterator[list[nn.Parameter]]:
+    """Consecutive runs of same-(device, dtype) parameters, each at most ``cap_bytes`` of gradient (or one tensor)."""
+    bucket: list[nn.Parameter] = []
+    size = 0
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if bucket and (size + nbytes > cap_bytes or (p.grad.device, p.grad.dtype) !=
+                       (bucket[0].grad.device, bucket[0].grad.dtype)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class ModuleGradSync:
+    """Averages one local module's gradients across ranks: flatten into buckets, async all-reduce, unflatten.
+
+    ``launch(model, j)`` starts module j's all-reduce and returns at once; ``wait(model, j)`` blocks until it is done
+    and puts the averaged gradients back in ``p.grad`` (views of the reduced bucket). While in flight, the module's
+    ``p.grad`` are None: the bucket is the only copy, so gradient memory is not doubled.
+
+    Assumes every rank back-propagates through the same parameters (true for every method here: the graphs do not
+    depend on the data), so the buckets line up across ranks.
+    """
+
+    def __init__(self, world_size: int, bucket_cap_mb: float = 25.0, group=None):
+        self.world_size = int(world_size)
+        self.cap_bytes = max(1, int(bucket_cap_mb * 2**20))
+        self.group = group
+        self._params: dict[int, list[nn.Parameter]] = {}
+        self._pending: dict[int, list[tuple[list[nn.Parameter], Tensor, Any]]] = {}
+
+    def module_params(self, model, j: int) -> list[nn.Parameter]:
+        if j not in self._params:  # the module's parameter set is fixed for a fit: look it up once
+            self._params[j] = [p for p in model.module_parameters(j) if p.requires_grad]
+        return self._params[j]
+
+    @torch.no_grad()
+    def launch(self, model, j: int) -> None:
+        if j in self._pending:
+            return
+        jobs = []
+        params = [p for p in self.module_params(model, j) if p.grad is not None]
+        for bucket in _buckets(params, self.cap_bytes):
+            # pre-divide: SUM of grad/W is the mean (gloo has no AVG op); /2, /4, /8 are exact in floating point
+            flat = _flatten_dense_tensors([p.grad for p in bucket]).div_(self.world_size)
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            for p in bucket:
+                p.grad = None
+            jobs.append((bucket, flat, work))
+        self._pending[j] = jobs
+
+    @torch.no_grad()
+    def wait(self, model, j: int) -> None:
+        if j not in self._pending:
+            self.launch(model, j)
+        for bucket, flat, work in self._pending.pop(j):
+            work.wait()  # CUDA: the compute stream waits for the NCCL stream; the host does not block
+            for p, g in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                p.grad = g
+
+    @property
+    def in_flight(self) -> list[int]:
+        return sorted(self._pending)
+
+
+# ---------------------------------------------------------------------------------------------------- sync BN
+class _SumAcrossRanks(torch.autograd.Function):
+    """all_reduce(SUM) with the matching backward (the gradient of a sum shared by all ranks is summed too)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+class AllReduceBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (all ranks), on any device.
+
+    Two differentiable all-reduces per layer (sum and count, then the centred sum of squares), so it is slower than
+    torch's fused GPU SyncBatchNorm: :class:`LocalDDPStrategy` uses it only where that one cannot run (CPU).
+    """
+
+    reverts_to: type[_BatchNorm] = nn.BatchNorm2d
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        total = _SumAcrossRanks.apply(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / channels)]))
+        n = total[-1]
+        mean = total[:channels] / n
+        centred = x - mean.view(shape)
+        var = _SumAcrossRanks.apply((centred * centred).sum(dims)) / n  # biased, as BatchNorm normalises with
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * (n / (n - 1)), m)  # unbiased, like BatchNorm's running_var
+        return out
+
+
+def _swap_batchnorm(module: nn.Module, convert: Callable[[_BatchNorm], _BatchNorm | None]) -> nn.Module:
+    """Replace every BN child for which ``convert`` returns a module; parameters and buffers are shared, not copied."""
+    for name, child in module.named_children():
+        new = convert(child) if isinstance(child, _BatchNorm) else None
+        if new is None:
+            _swap_batchnorm(child, convert)
+            continue
+        if child.affine:
+            new.weight, new.bias = child.weight, child.bias
+        if child.track_running_stats:
+            new.running_mean, new.running_var = child.running_mean, child.running_var
+            new.num_batches_tracked = child.num_batches_tracked
+        new.train(child.training)
+        setattr(module, name, new)
+    return module
+
+
+def _bn_args(bn: _BatchNorm) -> tuple:
+    return bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats
+
+
+class AllReduceSyncBatchNorm(LayerSync):
+    """Lightning layer-sync plugin: every BatchNorm becomes :class:`AllReduceBatchNorm` for the fit, then reverts."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        def to_sync(bn: _BatchNorm) -> _BatchNorm | None:
+            if isinstance(bn, (AllReduceBatchNorm, nn.SyncBatchNorm)):
+                return None
+            new = AllReduceBatchNorm(*_bn_args(bn))
+            new.reverts_to = type(bn)
+            return new
+
+        return _swap_batchnorm(model, to_sync)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        def back(bn: _BatchNorm) -> _BatchNorm | None:
+            return bn.reverts_to(*_bn_args(bn)) if isinstance(bn, AllReduceBatchNorm) else None
+
+        return _swap_batchnorm(model, back)
+
+
+# ---------------------------------------------------------------------------------------------------- strategy
+def _is_comm_error(err: BaseException) -> bool:
+    """Errors a surviving rank sees when a peer died: gloo's closed socket, NCCL's timeout/abort."""
+    text = f"{type(err).__name__} {err}"
+    return isinstance(err, dist.DistError) or any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "Broken pipe", "timed out"))
+
+
+class LocalDDPStrategy(DDPStrategy):
+    """DDP processes and samplers without the DDP wrapper; gradients are averaged per local module by the engine.
+
+    Args (besides Lightning's DDPStrategy ones):
+        bucket_cap_mb: largest flattened all-reduce; a module with more gradient is sent in several buckets.
+        timeout: seconds (or a timedelta) a collective may wait before the run fails; with NCCL this is how long a
+            rank waits for a dead peer when nothing kills the job (SLURM: ``--kill-on-bad-exit``).
+    DistributedDataParallel options (find_unused_parameters, static_graph, ...) do not apply and are rejected.
+    """
+
+    strategy_name = "local_ddp"
+
+    def __init__(self, accelerator=None, parallel_devices=None, cluster_environment=None, checkpoint_io=None,
+                 precision_plugin=None, process_group_backend: str | None = None,
+                 timeout: timedelta | float | None = default_pg_timeout, start_method: str = "popen",
+                 bucket_cap_mb: float = 25.0, **ddp_kwargs: Any):
+        if ddp_kwargs:
+            raise ConfigError("trainer.strategy", f"{sorted(ddp_kwargs)} are DistributedDataParallel options, but "
+                              "LocalDDPStrategy does not wrap the model in DDP",
+                              "process_group_backend, timeout, start_method, bucket_cap_mb")
+        if not float(bucket_cap_mb) > 0:
+            raise ConfigError("trainer.strategy.bucket_cap_mb", f"must be > 0, got {bucket_cap_mb}", "> 0, e.g. 25")
+        if isinstance(timeout, (int, float)):
+            timeout = timedelta(seconds=float(timeout))
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method)
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.grad_sync: ModuleGradSync | None = None
+
+    def setup(self, trainer) -> None:
+        # torch's SyncBatchNorm raises on CPU; swap in the portable one so trainer.sync_batchnorm=true still works
+        if isinstance(self._layer_sync, TorchSyncBatchNorm) and self.root_device.type not in _TORCH_SYNC_BN_DEVICES:
+            self._layer_sync = AllReduceSyncBatchNorm()
+        super().setup(trainer)
+
+    def configure_ddp(self) -> None:
+        """Called by DDPStrategy.setup where it would wrap the model: start every rank equal instead."""
+        broadcast_module_states(self.model)
+        self.grad_sync = ModuleGradSync(self.world_size, self.bucket_cap_mb) if self.world_size > 1 else None
+
+    def on_validation_start(self) -> None:
+        # Without the wrapper's per-forward buffer broadcast, BN running stats drift apart per rank (each saw its own
+        # shard). DDP semantics: rank 0's win, so all ranks evaluate the model the checkpoint holds.
+        super().on_validation_start()
+        self._align_buffers()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._align_buffers()
+
+    def _align_buffers(self) -> None:
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            broadcast_module_states(self.lightning_module, buffers_only=True)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if isinstance(exception, KeyboardInterrupt):
+            return
+        try:
+            rank, world = self.global_rank, self.world_size
+        except Exception:  # failed before the ranks were known
+            rank, world = 0, 1
+        if world > 1:
+            hint = (" (a collective failed: another rank probably died first; see its 'lla: rank' line)"
+                    if _is_comm_error(exception) else "")
+            print(f"lla: rank {rank}/{world} failed: {type(exception).__name__}: {exception}{hint}",
+                  file=sys.stderr, flush=True)
+        launcher = self._launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            # rank 0 launched the others (popen): kill them, or an NCCL peer would wait for the timeout
+            launcher.kill(signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+
+    def teardown(self) -> None:
+        self.grad_sync = None
+        super().teardown()
+
+
+for _name, _method in (("local_ddp", "popen"), ("local_ddp_spawn", "spawn")):
+    if _name not in StrategyRegistry:
+        StrategyRegistry.register(_name, LocalDDPStrategy, description="DDP processes without the DDP wrapper; "
+                                  f"per-module gradient all-reduce (start_method={_method!r})", start_method=_method)
+
+
+# ---------------------------------------------------------------------------------------------------- local launcher
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_entry(rank: int, fn: Callable, world_size: int, port: int, threads: int | None, args: tuple) -> None:
+    # The environment Lightning's LightningEnvironment reads when processes are created externally (like torchrun).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "PMI_", "OMPI_"))]:
+        del os.environ[key]  # a test run inside a SLURM job must not be mistaken for a SLURM task
+    if threads:
+        torch.set_num_threads(threads)
+    fn(rank, world_size, *args)
+
+
+def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0,
+          threads: int | None = None) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes on this machine, wired as one job.
+
+    A Trainer built inside ``fn`` with ``devices=world_size, strategy=LocalDDPStrategy()`` joins them (gloo on CPU).
+    Every join has a deadline: a failing rank raises RuntimeError naming it (the others are killed), and a run still
+    going after ``timeout_s`` is killed and raises TimeoutError, so a hang fails instead of blocking.
+    """
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException, start_processes
+
+    ctx = start_processes(_worker_entry, args=(fn, world_size, _free_port(), threads, args), nprocs=world_size,
+                          join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+                raise TimeoutError(f"ranks {alive} of {world_size} still running after {timeout_s:.0f} s "
+                                   "(a hang in a collective?): killed")
+    except ProcessRaisedException as err:
+        raise RuntimeError(f"rank {err.error_index} of {world_size} failed; the others were stopped:\n{err}") from None
+    except ProcessExitedException as err:
+        raise RuntimeError(f"rank {err.error_index} of {world_size} died (exit code {err.exit_code}); "
+                           "the others were stopped") from None
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+def _bench_worker(rank: int, world_size: int, spec: dict, out: str) -> None:
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+
+    from lla.callbacks import StepTimer
+    from lla.cli import CONF_DIR, _quiet_lightning, build
+
+    _quiet_lightning()
+    per_step = spec["batch_size"] * world_size
+    overrides = [f"method={spec['method']}", f"backbone={spec['backbone']}", "dataset=synthetic", f"k={spec['k']}",
+                 f"dataset.batch_size={spec['batch_size']}", f"dataset.image_size={spec['image_size']}",
+                 f"dataset.num_samples={per_step * (spec['warmup'] + spec['steps'])}", "logger=none",
+                 "optim.schedule=constant", "trainer.max_epochs=1"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    L.seed_everything(0, verbose=False)
+    dm, model = build(cfg)
+    timer = StepTimer(warmup=spec["warmup"])
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, max_steps=spec["warmup"] + spec["steps"],
+                        strategy=LocalDDPStrategy() if world_size > 1 else "auto", callbacks=[timer], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"step_time_s": timer.step_time_s}))
+
+
+def measure_ddp_overhead(world_size: int = 2, method: str = "dgl", backbone: str = "resnet20", k: int = 4,
+                         batch_size: int = 32, image_size: int = 32, steps: int = 10, warmup: int = 3,
+                         threads: int | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Median step time of ``world_size`` CPU/gloo processes vs one process, at the same *per-process* batch.
+
+    Both runs get ``threads`` intra-op threads per process (default: CPU cores // world_size), so the difference is
+    the cost of data parallelism (gradient all-reduce, waits, samplers), not of a smaller compute share.
+    """
+    if int(world_size) < 2:
+        raise ConfigError("bench.ddp", f"needs at least 2 processes, got {world_size}", ">= 2")
+    threads = threads or max(1, (os.cpu_count() or 1) // int(world_size))
+    spec = dict(method=method, backbone=backbone, k=int(k), batch_size=int(batch_size), image_size=int(image_size),
+                steps=int(steps), warmup=int(warmup))
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, int(world_size)):
+            out = str(Path(tmp) / f"w{world}.json")
+            spawn(_bench_worker, world, (spec, out), timeout_s=timeout_s, threads=threads)
+            times[world] = json.loads(Path(out).read_text())["step_time_s"]
+    single, multi = times[1], times[int(world_size)]
+    return {"world_size": int(world_size), **spec, "threads_per_process": threads, "single_step_s": single,
+            "ddp_step_s": multi, "overhead_s": multi - single, "overhead_pct": 100.0 * (multi / single - 1.0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lla.distributed --bench N [key=value ...]`` (keys: measure_ddp_overhead's arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "--bench" or not argv[1].isdigit():
+        print("usage: python -m lla.distributed --bench N [method=dgl backbone=resnet20 k=4 batch_size=32 "
+              "image_size=32 steps=10 warmup=3 threads=T]", file=sys.stderr)
+        return 2
+    defaults = {name: par.default for name, par in inspect.signature(measure_ddp_overhead).parameters.items()}
+    kwargs: dict[str, Any] = {}
+    for item in argv[2:]:
+        key, _, value = item.partition("=")
+        if key not in {"method", "backbone", "k", "batch_size", "image_size", "steps", "warmup", "threads"}:
+            print(f"error: bench.{key}: unknown option; allowed: method, backbone, k, batch_size, image_size, "
+                  "steps, warmup, threads", file=sys.stderr)
+            return 2
+        kwargs[key] = value if isinstance(defaults.get(key, ""), str) else int(value)
+    try:
+        result = measure_ddp_overhead(int(argv[1]), **kwargs)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    print(f"{result['world_size']} processes: {result['ddp_step_s'] * 1e3:.1f} ms/step vs "
+          f"{result['single_step_s'] * 1e3:.1f} ms in one process at batch {result['batch_size']} per process "
+          f"({result['overhead_pct']:+.1f}%)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # run the importable copy, so spawned workers pickle functions by reference to lla.distributed
+    from lla.distributed import main as _main
+
+    sys.exit(_main())
