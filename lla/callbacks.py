@@ -20,6 +20,7 @@ class StepTimer(L.Callback):
     """Median wall time of a training step after ``warmup`` steps, plus images/s; also peak CUDA memory.
 
     Synchronises the device around each step (only when it is CUDA), so it measures the step, not the launch.
+    Logged per epoch (that epoch's steps; CUDA peak since the epoch began); the properties cover the whole run.
     """
 
     def __init__(self, warmup: int = 2):
@@ -28,6 +29,15 @@ class StepTimer(L.Callback):
         self.images = 0
         self._t0 = 0.0
         self._seen = 0
+        self._epoch_first = 0  # index into self.times of this epoch's first timed step
+        self._epoch_images = 0
+        self.peak_cuda_mb: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch_first = len(self.times)
+        self._epoch_images = self.images
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         _sync(pl_module.device)
@@ -41,12 +51,14 @@ class StepTimer(L.Callback):
             self.images += int(batch[0].shape[0])
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if self.times:
-            pl_module.log("perf/step_time_s", self.step_time_s, on_epoch=True)
-            pl_module.log("perf/images_per_s", self.images_per_s, on_epoch=True)
+        epoch = self.times[self._epoch_first:]
+        if epoch:
+            pl_module.log("perf/step_time_s", statistics.median(epoch), on_epoch=True)
+            pl_module.log("perf/images_per_s", (self.images - self._epoch_images) / sum(epoch), on_epoch=True)
         if pl_module.device.type == "cuda":
-            pl_module.log("perf/cuda_max_allocated_mb", torch.cuda.max_memory_allocated(pl_module.device) / 2**20,
-                          on_epoch=True)
+            mb = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            self.peak_cuda_mb = max(self.peak_cuda_mb or 0.0, mb)
+            pl_module.log("perf/cuda_max_allocated_mb", mb, on_epoch=True)
 
     @property
     def step_time_s(self) -> float | None:
@@ -77,6 +89,10 @@ class ActivationMemory(L.Callback):
             self.peak_bytes = max(self.peak_bytes, self._meter.peak_bytes)
             self._meter = None
             self._done += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.peak_bytes:  # measured in the first epoch; logged every epoch so each W&B epoch row has it
+            pl_module.log("perf/peak_activation_mb", self.peak_mb, on_epoch=True)
 
     @property
     def peak_mb(self) -> float:
