@@ -1,0 +1,134 @@
+"""lla-report: results.json files -> paper-style tables (Markdown, CSV) and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from lla.report import build_tables, load_runs, main, markdown, report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_result(root: Path, name: str, *, method: str, acc: float, k: int = 4, seed: int = 0,
+                 dataset: str = "cifar10", backbone: str = "resnet32", label: str | None = None, modules: int | None = None,
+                 final: float | None = None, memory: float = 100.0, method_opts: dict | None = None,
+                 epochs: int = 400) -> Path:
+    """A results.json shaped like lla.cli.train writes it."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    modules = modules if modules is not None else (1 if method == "e2e" else k)
+    config = {"k": k, "seed": seed, "label": label, "mode": "train",
+              "optim": {"lr": 0.8, "momentum": 0.9}, "trainer": {"max_epochs": epochs, "enable_progress_bar": False},
+              "dataset": {"_target_": "lla.data.X", "root": f"/data/{seed}", "batch_size": 1024, "seed": seed},
+              "backbone": {"_target_": "lla.backbones.build_backbone", "name": backbone},
+              "method": {"_target_": f"lla.methods.{method}.X", **(method_opts or {})},
+              "logger": {"project": "lla", "save_dir": str(folder)}}
+    result = {"method": method, "backbone": backbone, "dataset": dataset, "modules": modules, "seed": seed,
+              "k_label": k, "val_acc": acc if final is None else final, "val_acc_best": acc,
+              "peak_activation_mb": memory, "peak_cuda_mb": None, "train_time_s": 10.0 * modules, "config": config}
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.fixture()
+def runs_dir(tmp_path):
+    root = tmp_path / "multirun"
+    for seed, (a2, a4) in enumerate([(0.90, 0.88), (0.92, 0.86)]):
+        write_result(root, f"dgl{seed}k2", method="dgl", label="DGL", k=2, seed=seed, acc=a2, memory=60)
+        write_result(root, f"dgl{seed}k4", method="dgl", label="DGL", k=4, seed=seed, acc=a4, memory=40)
+        write_result(root, f"ip{seed}k2", method="infopro", label="InfoPro (contrast)", k=2, seed=seed,
+                     acc=a2 + 0.02, memory=70)
+    write_result(root, "ip0k4", method="infopro", label="InfoPro (contrast)", k=4, acc=0.91, memory=45)
+    write_result(root, "e2e0", method="e2e", label="E2E", k=1, acc=0.93, memory=120)
+    write_result(root, "e2e1", method="e2e", label="E2E", k=1, seed=1, acc=0.95, memory=120)
+    for m, acc in ((0.9, 0.80), (0.99, 0.85), (0.999, 0.83)):  # an EMA-momentum sweep of InfoPro+MAN at K=4
+        write_result(root, f"man{m}", method="man", k=4, acc=acc, memory=50,
+                     method_opts={"base": "infopro", "ema_momentum": m})
+    return root
+
+
+def test_tables_hold_mean_and_std_over_seeds(runs_dir):
+    runs = load_runs([runs_dir])
+    assert len(runs) == 12
+    (table,) = build_tables(runs)  # one backbone, one dataset -> columns are K
+    assert table.column_names == ["K=2", "K=4"]
+    rows = {r[0]: r[1:] for r in _md_rows(markdown([table]))}
+    assert rows["DGL"] == ["91.00 ± 1.41 (n=2)", "87.00 ± 1.41 (n=2)"]
+    assert rows["InfoPro (contrast)"] == ["93.00 ± 1.41 (n=2)", "91.00"]
+    assert rows["E2E"] == ["94.00 ± 1.41 (n=2)"] * 2  # E2E has no K: under every K
+    # runs that differ by more than the seed get their own rows, named by the differing key
+    assert rows["infopro+man [ema_momentum=0.99]"] == ["", "85.00"]
+    assert list(rows)[:2] == ["E2E", "DGL"]
+
+
+def test_error_and_final_epoch_metrics(runs_dir):
+    (table,) = build_tables(load_runs([runs_dir]), metric="best", error=True)
+    assert dict((r[0], r[1:]) for r in _md_rows(markdown([table])))["DGL"][0] == "9.00 ± 1.41 (n=2)"
+    write_result(runs_dir, "late", method="dgl", label="late", k=2, acc=0.9, final=0.5)
+    (table,) = build_tables([r for r in load_runs([runs_dir]) if r.base_label == "late"], metric="final")
+    assert _md_rows(markdown([table]))[0][1] == "50.00"
+
+
+def test_a_setting_that_differs_inside_a_cell_splits_the_row(tmp_path):
+    write_result(tmp_path, "a", method="e2e", label="E2E", k=1, acc=0.90, epochs=160)
+    write_result(tmp_path, "b", method="e2e", label="E2E", k=1, acc=0.94, epochs=400)
+    rows = {r[0]: r[1:] for r in _md_rows(markdown(build_tables(load_runs([tmp_path]))))}
+    assert rows == {"E2E [trainer.max_epochs=160]": ["90.00"], "E2E [trainer.max_epochs=400]": ["94.00"]}
+
+
+def test_columns_are_dataset_x_k_when_both_vary(tmp_path):
+    for ds in ("cifar10", "stl10"):
+        for k in (8, 16):
+            write_result(tmp_path, f"{ds}{k}", method="man", k=k, dataset=ds, acc=0.9, method_opts={"base": "dgl"})
+    (table,) = build_tables(load_runs([tmp_path]))
+    assert table.column_names == ["CIFAR-10 K=8", "CIFAR-10 K=16", "STL-10 K=8", "STL-10 K=16"]
+    assert table.rows == ["dgl+man"]  # no label: derived from the method and its base
+    by_k = build_tables(load_runs([tmp_path]), columns="dataset")
+    assert [t.title.split(":")[0] for t in by_k] == ["ResNet-32, K=8", "ResNet-32, K=16"]
+    assert by_k[0].column_names == ["CIFAR-10", "STL-10"]
+
+
+def test_report_writes_markdown_csv_and_plots(runs_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    main([str(runs_dir), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| DGL | 91.00 ± 1.41 (n=2) | 87.00 ± 1.41 (n=2) |" in printed
+    assert (out / "tables.md").read_text() in printed
+    with open(out / "table_resnet32.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["method", "K=2", "K=4"]
+    assert ["DGL", "91.00 ± 1.41 (n=2)", "87.00 ± 1.41 (n=2)"] in rows
+    with open(out / "summary.csv") as f:
+        cells = {(r["method"], r["k"]): r for r in csv.DictReader(f)}
+    assert float(cells[("DGL", "2")]["mean"]) == pytest.approx(91.0)
+    assert float(cells[("DGL", "2")]["std"]) == pytest.approx(2**0.5)
+    assert float(cells[("DGL", "4")]["memory_mb"]) == pytest.approx(40.0)
+    for name in ("acc_vs_k.png", "acc_vs_memory.png", "acc_vs_ema_momentum.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5_000, name
+
+
+def test_no_ema_plot_without_an_ema_sweep(tmp_path):
+    write_result(tmp_path / "r", "a", method="dgl", acc=0.9)
+    write_result(tmp_path / "r", "b", method="man", acc=0.9, method_opts={"base": "dgl", "ema_momentum": 0.995})
+    result = report([tmp_path / "r"], tmp_path / "out")
+    names = {Path(f).name for f in result["files"]}
+    assert {"acc_vs_k.png", "acc_vs_memory.png"} <= names and "acc_vs_ema_momentum.png" not in names
+
+
+def test_no_results_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no results.json"):
+        report([tmp_path], tmp_path / "out")
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    """Body rows of the Markdown tables (header and separator skipped)."""
+    rows = []
+    for line in md.splitlines():
+        if line.startswith("| ") and not line.startswith("| method"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
