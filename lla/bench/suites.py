@@ -1,0 +1,58 @@
+"""Benchmark suites as data: which (method, backbone, K, batch, image size, numerics) rows ``--suite`` runs.
+
+``default`` is issue 7's suite (``make bench``, under ~10 minutes on a 2-core CPU when the machine is otherwise idle):
+ResNet-32 K=16 and ResNet-110 K=55 at 32x32, batch 64, for every method; ImageNet ResNet-101 K=2 (e2e, infopro,
+man) and ResNet-34 K=16 (auglocal, mlaan) at 224x224, batch 8; and ResNet-32 K=16 again under bf16-mixed and
+channels_last, to show what each option does. Every group carries its own E2E row, for the ratios.
+"""
+
+from __future__ import annotations
+
+from lla.bench.runner import BenchConfig
+
+# MAN runs on InfoPro here because the reference figures (targets.py) are InfoPro+MAN; AugLocal's depths are the
+# README's (R32 d=2, R110 d=3) and run.sh's ImageNet d=4.
+CIFAR_METHODS: dict[str, tuple[tuple[str, object], ...]] = {
+    "e2e": (),
+    "dgl": (),
+    "infopro": (),
+    "auglocal": (("depth", 2),),
+    "man": (("base", "infopro"),),
+    "mlaan": (),
+}
+
+
+def _cifar(backbone: str, k: int, depth: int, precision: str = "32-true", channels_last: bool = False,
+           methods: tuple[str, ...] = tuple(CIFAR_METHODS)):
+    rows = []
+    for method in methods:
+        options = CIFAR_METHODS[method]
+        if method == "auglocal":
+            options = (("depth", depth),)
+        rows.append(BenchConfig(method, backbone, k, 64, 32, options, precision, channels_last))
+    return rows
+
+
+def _imagenet(backbone: str, k: int, methods: dict[str, tuple], batch: int = 8):
+    return [BenchConfig(m, backbone, k, batch, 224, opts) for m, opts in methods.items()]
+
+
+def default_suite() -> list[BenchConfig]:
+    return [
+        *_cifar("resnet32", 16, depth=2),
+        *_cifar("resnet110", 55, depth=3),
+        *_imagenet("resnet101", 2, {"e2e": (), "infopro": (), "man": (("base", "infopro"),)}),
+        *_imagenet("resnet34", 16, {"e2e": (), "auglocal": (("depth", 4),), "mlaan": ()}),
+        # bf16 has no hardware support on an AVX2-only CPU (emulated, several times slower): three methods show
+        # the memory effect; every method runs under bf16 in `lla-bench --methods ... --precision bf16-mixed`.
+        *_cifar("resnet32", 16, depth=2, precision="bf16-mixed", methods=("e2e", "dgl", "man")),
+        *_cifar("resnet32", 16, depth=2, channels_last=True),
+    ]
+
+
+def quick_suite() -> list[BenchConfig]:
+    """ResNet-32 K=16 only (about a minute): the reference comparisons that matter most."""
+    return _cifar("resnet32", 16, depth=2)
+
+
+SUITES = {"default": default_suite, "quick": quick_suite}
