@@ -56,7 +56,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=8, help="nominal K for the local methods")
-    ap.add_argument("--epochs", type=int, default=None, help="override the digits recipe's epochs")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs per method (the digits recipe says 15)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(r[0] for r in RUNS))
     ap.add_argument("--out", default="outputs/demo")
     args = ap.parse_args(argv)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = ["dataset=digits", "backbone=resnet32", f"k={args.k}", "logger=none",
                      "trainer.enable_progress_bar=false", *extra]
         if args.epochs:
-            overrides.append(f"trainer.max_epochs={args.epochs}")
+            overrides += [f"trainer.max_epochs={args.epochs}", f"optim.warmup_epochs={min(3, args.epochs // 4)}"]
         cfg, choices = compose_run(overrides)
         print(f"[demo] {label}: training ({' '.join(extra)}) ...", flush=True)
         result = train(cfg, Path(args.out) / label, choices, overrides)
