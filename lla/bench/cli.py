@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -112,15 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the references: 2)")
     p.add_argument("--explain", action="store_true",
                    help="print the saved tensors alive at each row's activation peak, by shape")
+    p.add_argument("--ddp", type=int, default=0, metavar="N",
+                   help="instead of the memory suite: DDP step-time overhead of N CPU processes (gloo) vs one")
     p.add_argument("--json", default=None, help="write rows, checks and environment here")
     p.add_argument("--markdown", default=None, help="write the Markdown report here")
     p.add_argument("--plot", default=None, help="write a PNG chart here")
     return p
 
 
+def run_ddp(args) -> int:
+    """``lla-bench --ddp N``: one process vs N processes on the same per-process batch (lla.distributed)."""
+    import json
+
+    from lla.distributed import measure_ddp_overhead
+
+    method = (args.methods or "dgl").split(",")[0].split(":")[0]
+    res = measure_ddp_overhead(world_size=args.ddp, method=method, backbone=args.backbone, k=args.k,
+                               batch_size=args.batch_size, image_size=args.image_size, steps=max(args.steps, 3),
+                               warmup=args.warmup)
+    print(f"DDP x{res['world_size']} ({res['method']}, {res['backbone']}, K={res['k']}, batch {res['batch_size']}"
+          f"/process): one process {res['single_step_s']:.3f} s/step, DDP {res['ddp_step_s']:.3f} s/step, "
+          f"overhead {res['overhead_s']:+.3f} s ({res['overhead_pct']:+.1f}%)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
 def run(args) -> int:
     import torch
 
+    if args.ddp:
+        return run_ddp(args)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     configs = configs_from_args(args)
