@@ -191,6 +191,9 @@ def test_targets_match_by_real_module_count_and_flag_pass_fail():
     assert cmp["activation_ok"] and cmp["activation_goal"]  # 60 MiB <= 0.8 x 80.3
     assert cmp["time_ok"] and not cmp["time_goal"]  # 0.9 s vs 0.93 s: not 0.8x
     assert compare(fake_row(threads=8), t)["time_ok"] is None  # timings only compare on the references' setup
+    e2e = find_target(fake_row(method="e2e", base=None, modules=1, backbone="resnet110"))
+    assert compare(fake_row(peak_activation_bytes=int(515.84 * 2**20)), e2e)["activation_ok"]  # 515.8 printed
+    assert not compare(fake_row(peak_activation_bytes=int(515.86 * 2**20)), e2e)["activation_ok"]
     assert find_target(fake_row(base="dgl")) is None
     assert find_target(fake_row(precision="bf16-mixed")) is None
     assert find_target(fake_row(method="e2e", base=None, modules=1)).activation_mib == 151.8

@@ -132,12 +132,24 @@ def cifar_head(kind: str, channels: int, spatial: int, out_features: int, widen:
     return nn.Sequential(*layers)
 
 
+class UpsampleTo(nn.Upsample):
+    """Bilinear upsample (align_corners=True) that returns its input when it already has the target size.
+
+    At equal sizes the interpolation is an exact identity, but it would still allocate a copy that the next conv saves
+    for backward (+1 image-sized map per stage-1 module)."""
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) == tuple(self.size):
+            return x
+        return super().forward(x)
+
+
 def cifar_decoder(channels: int, image_size: int, widen: int = 1) -> nn.Sequential:
     """Upsample to the image, conv3x3 (bias) + BN + ReLU, conv3x3 (bias) to 3 channels. Returns *logits*: the
     reference's Sigmoid is folded into the BCE (see :meth:`InfoProRule.reconstruct`)."""
     hidden = 12 * widen
     return nn.Sequential(
-        nn.Upsample(size=(image_size, image_size), mode="bilinear", align_corners=True),
+        UpsampleTo(size=(image_size, image_size), mode="bilinear", align_corners=True),
         *_conv_bn_relu(channels, hidden, 3, bias=True),
         nn.Conv2d(hidden, 3, 3, padding=1, bias=True),
     )

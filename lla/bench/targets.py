@@ -60,7 +60,8 @@ def compare(row: Mapping[str, Any], target: Target, mib: float = 2**20) -> dict[
     Step times compare only when the row ran on the CPU with 2 threads, as the references did; else None.
     """
     act = row.get("peak_activation_bytes")
-    act_ratio = act / mib / target.activation_mib if act is not None else None
+    act_mib = act / mib if act is not None else None
+    act_ratio = act_mib / target.activation_mib if act is not None else None
     same_machine = row.get("device") == "cpu" and row.get("threads") == 2
     t = row.get("step_time_s")
     time_ratio = t / target.step_time_s if (t is not None and same_machine) else None
@@ -71,7 +72,8 @@ def compare(row: Mapping[str, Any], target: Target, mib: float = 2**20) -> dict[
         "target_activation_vs_e2e": target.activation_vs_e2e,
         "activation_vs_target": act_ratio,
         "time_vs_target": time_ratio,
-        "activation_ok": None if act_ratio is None else act_ratio <= 1.0,
+        # The references are printed to 0.1 MiB: "never worse" compares at that precision (E2E is the same net).
+        "activation_ok": None if act_mib is None else round(act_mib, 1) <= target.activation_mib,
         "activation_goal": None if act_ratio is None else act_ratio <= GOAL,
         "time_ok": None if time_ratio is None else time_ratio <= 1.0,
         "time_goal": None if time_ratio is None else time_ratio <= GOAL,
