@@ -33,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lla.errors import ConfigError
 from lla.optim import ModuleOptimizers, OptimConfig
+from lla.recompute import set_recompute
 from lla.splits import Split, resolve_split
 
 
@@ -47,6 +48,8 @@ class LocalLearner(L.LightningModule):
         optim: SGD recipe (``OptimConfig`` fields).
         max_epochs: length of the LR schedule.
         split: an explicit :class:`~lla.splits.Split` (otherwise resolved from ``k`` and ``split_family``).
+        aux_checkpoint: recompute the aux nets' activations in backward instead of storing them
+            (:mod:`lla.recompute`): less memory per module, one more aux forward per step.
     """
 
     #: which K-label table this method reads (METHODS.md §3); see lla.splits.FAMILIES
@@ -54,7 +57,7 @@ class LocalLearner(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, k: int = 1, num_classes: int = 10, image_size: int = 32,
                  optim: Mapping[str, Any] | OptimConfig | None = None, max_epochs: int = 1,
-                 split: Split | None = None, denormalize=None):
+                 split: Split | None = None, denormalize=None, *, aux_checkpoint: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
@@ -74,6 +77,10 @@ class LocalLearner(L.LightningModule):
         K = self.num_modules
         # Aux nets for modules 0..K-2 (the last module uses the backbone's own head).
         self.aux = nn.ModuleList([self.build_aux(k) for k in range(K - 1)])
+        if not isinstance(aux_checkpoint, bool):
+            raise ConfigError("method.aux_checkpoint", f"must be a boolean, got {aux_checkpoint!r}", "true, false")
+        self.aux_checkpoint = aux_checkpoint
+        set_recompute(self.aux, aux_checkpoint)
         self._ready = self._ready_schedule()
         self._max_span = max(self.span(k) for k in range(K))
 
@@ -307,4 +314,5 @@ class LocalLearner(L.LightningModule):
     def describe(self) -> dict:
         """What a run should record about its split: the K label, the real module count, the boundaries."""
         return {"method_class": type(self).__name__, "k": self.split.k_label, "modules": self.num_modules,
-                "boundaries": list(self.split.boundaries), "split_source": self.split.source}
+                "boundaries": list(self.split.boundaries), "split_source": self.split.source,
+                "aux_checkpoint": self.aux_checkpoint}

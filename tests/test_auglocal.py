@@ -151,7 +151,10 @@ def test_yaml_lists_every_option():
     cfg = yaml.safe_load(open("conf/method/auglocal.yaml"))
     assert cfg.pop("_target_") == "lla.methods.auglocal.AugLocal"
     import inspect
-    kwonly = {n for n, p in inspect.signature(AugLocal.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    from lla.engine import LocalLearner
+
+    kwonly = {n for cls in (AugLocal, LocalLearner) for n, p in inspect.signature(cls.__init__).parameters.items()
+              if p.kind is p.KEYWORD_ONLY}  # the method's options and the engine's (aux_checkpoint)
     assert set(cfg) == kwonly
 
 

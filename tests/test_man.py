@@ -380,6 +380,8 @@ def test_yaml_lists_every_option_with_the_code_default():
 
     conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf/method/man.yaml").read_text())
     assert conf.pop("_target_") == "lla.methods.man.MAN"
-    sig = {n: p.default for n, p in inspect.signature(MAN.__init__).parameters.items()
-           if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    from lla.engine import LocalLearner
+
+    sig = {n: p.default for cls in (MAN, LocalLearner) for n, p in inspect.signature(cls.__init__).parameters.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY}  # the method's options and the engine's (aux_checkpoint)
     assert conf == sig

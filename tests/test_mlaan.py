@@ -339,7 +339,9 @@ def test_bad_options_raise_config_error(bad):
 def test_yaml_lists_every_option():
     conf = yaml.safe_load(open("conf/method/mlaan.yaml"))
     assert conf.pop("_target_") == "lla.methods.mlaan.MLAAN"
-    params = inspect.signature(MLAAN.__init__).parameters
-    options = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    from lla.engine import LocalLearner
+
+    params = {**inspect.signature(LocalLearner.__init__).parameters, **inspect.signature(MLAAN.__init__).parameters}
+    options = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}  # the method's and the engine's
     assert set(conf) == options
     assert all(conf[n] == params[n].default for n in conf)

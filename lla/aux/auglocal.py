@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from lla.errors import ConfigError
+from lla.recompute import Chain
 
 VARIANTS = ("cifar", "imagenet", "vgg")
 # Which head a backbone family gets when the variant is "auto".
@@ -125,10 +126,10 @@ def auglocal_aux(backbone, module_end_layer: int, depth: int, num_classes: int, 
         for _ in range(2):
             ops += [nn.Linear(VGG_HIDDEN, VGG_HIDDEN), nn.BatchNorm1d(VGG_HIDDEN), nn.ReLU(inplace=True)]
         ops.append(nn.Linear(VGG_HIDDEN, num_classes))
-        return nn.Sequential(*ops)
+        return Chain(*ops)
     ops += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if variant == "cifar" and depth <= 1:
         ops.append(nn.BatchNorm1d(channels))  # the CIFAR reference normalises only its shallowest heads
     # The ImageNet reference hard-codes Linear(512 * expansion): the same width whenever widen = 1.
     ops.append(nn.Linear(channels, num_classes))
-    return nn.Sequential(*ops)
+    return Chain(*ops)

@@ -11,6 +11,7 @@ import math
 from torch import nn
 
 from lla.errors import ConfigError
+from lla.recompute import Chain
 
 DGL_HEADS = ("official", "auglocal", "man")
 
@@ -35,7 +36,7 @@ def dgl_head(kind: str, channels: int, spatial: int, num_classes: int, feature_d
         for _ in range(hidden):
             layers += _linear_bn_relu(4 * c, 4 * c, bias=kind == "official")
         layers.append(nn.Linear(4 * c, num_classes))
-        return nn.Sequential(*layers)
+        return Chain(*layers)
     if kind == "man":
         # (c): pool to 8x8, three 1x1 convs to F=128, GAP, three Linear to 4F=512, Linear to classes.
         f, wide = feature_dim, 4 * feature_dim
@@ -44,5 +45,5 @@ def dgl_head(kind: str, channels: int, spatial: int, num_classes: int, feature_d
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         layers += _linear_bn_relu(f, wide, True) + _linear_bn_relu(wide, wide, True) + _linear_bn_relu(wide, wide, True)
         layers.append(nn.Linear(wide, num_classes))
-        return nn.Sequential(*layers)
+        return Chain(*layers)
     raise ConfigError("method.head", f"unknown DGL head {kind!r}", ", ".join(DGL_HEADS))

@@ -30,6 +30,7 @@ from lla.aux.rules import LocalRule
 from lla.backbones.cifar_resnet import init_cifar
 from lla.backbones.imagenet_resnet import init_imagenet
 from lla.errors import ConfigError
+from lla.recompute import Chain
 from lla.losses import supervised_contrastive_loss
 
 # aux_net_config name -> (conv layers, linear layers) (§5.3)
@@ -129,7 +130,7 @@ def cifar_head(kind: str, channels: int, spatial: int, out_features: int, widen:
         layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
         width = hidden
     layers.append(nn.Linear(width, out_features))
-    return nn.Sequential(*layers)
+    return Chain(*layers)
 
 
 class UpsampleTo(nn.Upsample):
@@ -148,7 +149,7 @@ def cifar_decoder(channels: int, image_size: int, widen: int = 1) -> nn.Sequenti
     """Upsample to the image, conv3x3 (bias) + BN + ReLU, conv3x3 (bias) to 3 channels. Returns *logits*: the
     reference's Sigmoid is folded into the BCE (see :meth:`InfoProRule.reconstruct`)."""
     hidden = 12 * widen
-    return nn.Sequential(
+    return Chain(
         UpsampleTo(size=(image_size, image_size), mode="bilinear", align_corners=True),
         *_conv_bn_relu(channels, hidden, 3, bias=True),
         nn.Conv2d(hidden, 3, 3, padding=1, bias=True),
@@ -165,7 +166,7 @@ def imagenet_decoder(channels: int, image_size: int) -> nn.Sequential:
         layers.append(nn.Upsample(size=(side, side), mode="bilinear", align_corners=True))
         cin = cout
     layers.append(nn.Conv2d(cin, 3, 3, padding=1, bias=True))
-    return nn.Sequential(*layers)
+    return Chain(*layers)
 
 
 def imagenet_head(channels: int, out_features: int) -> nn.Sequential:
@@ -176,7 +177,7 @@ def imagenet_head(channels: int, out_features: int) -> nn.Sequential:
         layers += _conv_bn_relu(cin, cout, kernel, stride)
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, out_features)]
-    return nn.Sequential(*layers)
+    return Chain(*layers)
 
 
 # ---------------------------------------------------------------------------------------------- the rule

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lla.aux.rules import LocalRule
 from lla.ema import make_ema_copy
 from lla.errors import ConfigError
+from lla.recompute import run_segment
 from lla.splits import Split, lam_layers
 
 DEFAULT_DEPTH = 4  # the longest LAM row of the CIFAR tables (§5.6)
@@ -137,6 +138,8 @@ class LAMNet(nn.Module):
     through its activations into the module.
     """
 
+    recompute: bool = False  # method.aux_checkpoint: each block stores only its input (lla.recompute)
+
     def __init__(self, blocks: Sequence[nn.Module], ema: nn.Module, rule: LocalRule):
         super().__init__()
         if not blocks:
@@ -150,9 +153,9 @@ class LAMNet(nn.Module):
         return self.rule.needs_x01
 
     def features(self, h: Tensor) -> Tensor:
-        z = self.blocks[0](h) + self.ema(h)
+        z = run_segment(self.blocks[0], h, self.recompute) + run_segment(self.ema, h, self.recompute)
         for block in self.blocks[1:]:
-            z = block(z)
+            z = run_segment(block, z, self.recompute)
         return z
 
     def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:

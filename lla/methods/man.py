@@ -30,6 +30,7 @@ from lla.aux.rules import BASES, LocalRule, make_rule
 from lla.ema import check_momentum, ema_update, make_ema_copy
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.recompute import run_segment
 
 SCHEDULES = ("stage_index", "module_index")
 DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (§5.2c)
@@ -38,6 +39,8 @@ DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not 
 class MomentumAux(nn.Module):
     """Module k's aux path: ``rule(LB(h) + EMA(h))`` (or MAN++'s scaled mix). Owned by module k's optimizer;
     the EMA copy's parameters have requires_grad=False, so that optimizer skips them."""
+
+    recompute: bool = False  # method.aux_checkpoint: each copy stores only h (lla.recompute)
 
     def __init__(self, lb: nn.Module, ema: nn.Module, rule: LocalRule, learnable_scale: bool = False):
         super().__init__()
@@ -50,9 +53,10 @@ class MomentumAux(nn.Module):
 
     def augment(self, h: Tensor) -> Tensor:
         """y = LB(h) + EMA(h) on the same h (no clone: both blocks save the one tensor for backward)."""
+        lb, ema = run_segment(self.lb, h, self.recompute), run_segment(self.ema, h, self.recompute)
         if self.scale is None:
-            return self.lb(h) + self.ema(h)
-        return self.scale * self.lb(h) + (2.0 - self.scale) * self.ema(h)  # MAN++ (§5.5.10)
+            return lb + ema
+        return self.scale * lb + (2.0 - self.scale) * ema  # MAN++ (§5.5.10)
 
     def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
         return self.rule(self.augment(h), y, x01)
