@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lla.backbones.base import Backbone, make_specs
+from lla.backbones.fused import bn_relu_conv, set_fused_bn_relu
 
 WIDTHS = (16, 32, 64)
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
@@ -23,6 +24,8 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 class CifarBasicBlock(nn.Module):
     """conv3x3(s)-BN-ReLU-Dropout-conv3x3-BN, + shortcut, ReLU (§2.1)."""
+
+    fused_bn_relu = False  # backbone.fused_bn_relu: bn1-relu-conv2 without storing relu's output (fused.py)
 
     def __init__(self, cin: int, cout: int, stride: int = 1, droprate: float = 0.0):
         super().__init__()
@@ -40,8 +43,11 @@ class CifarBasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dropout(self.relu(self.bn1(self.conv1(x))))
-        out = self.bn2(self.conv2(out))
+        if self.fused_bn_relu and (self.dropout.p == 0 or not self.training):  # dropout would sit inside the op
+            out = self.bn2(bn_relu_conv(self.conv1(x), self.bn1, self.conv2, True))
+        else:
+            out = self.dropout(self.relu(self.bn1(self.conv1(x))))
+            out = self.bn2(self.conv2(out))
         identity = x if self.shortcut is None else self.shortcut(x)
         return self.relu(out + identity)
 
@@ -62,7 +68,7 @@ class CifarResNet(Backbone):
 
     family = "cifar_resnet"
 
-    def __init__(self, name: str, depth: int, num_classes: int, droprate: float = 0.0):
+    def __init__(self, name: str, depth: int, num_classes: int, droprate: float = 0.0, fused_bn_relu: bool = False):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
@@ -79,16 +85,18 @@ class CifarResNet(Backbone):
         head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
         super().__init__(name, num_classes, layers, head, make_specs(rows))
         init_cifar(self)
+        self.fused_bn_relu = set_fused_bn_relu(self, fused_bn_relu)
 
     def make_block(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
         block = CifarBasicBlock(in_channels, out_channels, stride, self.droprate)
         init_cifar(block)
+        set_fused_bn_relu(block, self.fused_bn_relu)
         return block
 
 
 def _constructor(name: str):
-    def build(num_classes: int, droprate: float = 0.0) -> CifarResNet:
-        return CifarResNet(name, DEPTHS[name], num_classes, droprate=droprate)
+    def build(num_classes: int, droprate: float = 0.0, fused_bn_relu: bool = False) -> CifarResNet:
+        return CifarResNet(name, DEPTHS[name], num_classes, droprate=droprate, fused_bn_relu=fused_bn_relu)
 
     build.__name__ = name
     build.__doc__ = f"CIFAR {name} (METHODS.md §2.1), L = {(DEPTHS[name] - 2) // 2 + 1} layers."

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lla.backbones.base import Backbone, make_specs
+from lla.backbones.fused import bn_relu_conv, set_fused_bn_relu
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 # name: (block kind, blocks per stage, groups, width per group)
@@ -33,6 +34,8 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Module | None:
 class BasicBlock(nn.Module):
     """conv3x3(s)-BN-ReLU-conv3x3-BN, + shortcut, ReLU."""
 
+    fused_bn_relu = False  # backbone.fused_bn_relu: bn1-relu-conv2 without storing relu's output (fused.py)
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -47,13 +50,14 @@ class BasicBlock(nn.Module):
         return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(bn_relu_conv(self.conv1(x), self.bn1, self.conv2, self.fused_bn_relu))
         return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3(s, groups), 1x1 expand to `cout` (= planes*4), + shortcut, ReLU (v1.5)."""
+
+    fused_bn_relu = False  # backbone.fused_bn_relu: bn1-relu-conv2 and bn2-relu-conv3 fused (fused.py)
 
     def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1, width_per_group: int = 64):
         super().__init__()
@@ -75,9 +79,8 @@ class Bottleneck(nn.Module):
         return self.bn3
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = bn_relu_conv(self.conv1(x), self.bn1, self.conv2, self.fused_bn_relu)
+        out = self.bn3(bn_relu_conv(out, self.bn2, self.conv3, self.fused_bn_relu))
         return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
@@ -104,7 +107,7 @@ class ImageNetResNet(Backbone):
 
     family = "imagenet_resnet"
 
-    def __init__(self, name: str, num_classes: int, zero_init_residual: bool = False):
+    def __init__(self, name: str, num_classes: int, zero_init_residual: bool = False, fused_bn_relu: bool = False):
         kind, depths, groups, width_per_group = ARCHS[name]
         self.block_kind, self.groups, self.width_per_group = kind, groups, width_per_group
         self.zero_init_residual = zero_init_residual
@@ -126,6 +129,7 @@ class ImageNetResNet(Backbone):
         head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
         super().__init__(name, num_classes, layers, head, make_specs(rows))
         init_imagenet(self, zero_init_residual)
+        self.fused_bn_relu = set_fused_bn_relu(self, fused_bn_relu)
 
     def _new_block(self, cin: int, cout: int, stride: int) -> nn.Module:
         if self.block_kind == "basic":
@@ -136,12 +140,13 @@ class ImageNetResNet(Backbone):
         """Same block type, groups and init as this backbone's blocks; bottleneck `out_channels` = planes*4."""
         block = self._new_block(in_channels, out_channels, stride)
         init_imagenet(block, self.zero_init_residual)
+        set_fused_bn_relu(block, self.fused_bn_relu)
         return block
 
 
 def _constructor(name: str):
-    def build(num_classes: int, zero_init_residual: bool = False) -> ImageNetResNet:
-        return ImageNetResNet(name, num_classes, zero_init_residual=zero_init_residual)
+    def build(num_classes: int, zero_init_residual: bool = False, fused_bn_relu: bool = False) -> ImageNetResNet:
+        return ImageNetResNet(name, num_classes, zero_init_residual=zero_init_residual, fused_bn_relu=fused_bn_relu)
 
     build.__name__ = name
     build.__doc__ = (
