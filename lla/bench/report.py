@@ -39,9 +39,15 @@ TARGET_KEYS = (  # lla.bench.targets.compare
 ROW_KEYS = MEASURED_KEYS + RATIO_KEYS + TARGET_KEYS
 
 
+def _net_options(row: dict) -> tuple:
+    """Options outside the method (dotted, e.g. backbone.fused_bn_relu): they change E2E too, so they get their own
+    group with its own E2E row."""
+    return tuple(sorted((k, v) for k, v in (row.get("options") or {}).items() if "." in k))
+
+
 def _group(row: dict) -> tuple:
     return (row["backbone"], row["batch_size"], row["image_size"], row["precision"], row["channels_last"],
-            row["device"])
+            row["device"], _net_options(row))
 
 
 def derive(rows: Sequence[dict]) -> list[dict]:
@@ -147,8 +153,9 @@ def _groups(rows: Sequence[dict]) -> list[tuple[tuple, list[dict]]]:
 def group_title(row: dict) -> str:
     numerics = {"32-true": "fp32"}.get(row["precision"], row["precision"])
     layout = ", channels_last" if row["channels_last"] else ""
+    net = "".join(f", {k}={v}" for k, v in _net_options(row))
     return (f"{row['backbone']} K={row['k']}, batch {row['batch_size']}, {row['image_size']}x{row['image_size']}, "
-            f"{numerics}{layout}, {row['device']}")
+            f"{numerics}{layout}{net}, {row['device']}")
 
 
 def markdown_tables(rows: Sequence[dict]) -> str:
@@ -160,7 +167,7 @@ def markdown_tables(rows: Sequence[dict]) -> str:
                      "| grad peak MiB (one loss's modules) | CUDA alloc MiB | step s | x E2E | img/s |")
         parts.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in group:
-            opts = ",".join(f"{k}={v}" for k, v in r["options"].items() if k != "base")
+            opts = ",".join(f"{k}={v}" for k, v in r["options"].items() if k != "base" and "." not in k)
             name = f"{r['method']} ({opts})" if opts else r["method"]
             parts.append(
                 f"| {name} | {r['base'] or '-'} | {r['modules']} | {_f(mib(r['peak_activation_bytes']))} | "
@@ -174,23 +181,28 @@ def markdown_tables(rows: Sequence[dict]) -> str:
 
 def markdown_targets(rows: Sequence[dict]) -> str:
     """lla against the reference implementations (MiB saved for backward / median step s)."""
-    by_target = {r["target"]: r for r in rows if r["target"]}
+    by_target: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["target"]:
+            by_target.setdefault(r["target"], []).append(r)
     e2e_time = {t.backbone: t.step_time_s for t in TARGETS if t.method == "e2e"}
     lines = ["| configuration | targets: reference MiB / s | lla MiB / s | MiB x ref | s x ref "
              "| MiB <= 1.0x | MiB <= 0.8x | s <= 1.0x | s <= 0.8x | step / E2E: lla vs ref |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in TARGETS:
-        r = by_target.get(t.label)
         ref = f"{t.activation_mib:.1f} / {t.step_time_s:.2f}"
-        if r is None:
+        if t.label not in by_target:
             lines.append(f"| {t.label} | {ref} | not run | - | - | - | - | - | - | - |")
             continue
         ref_overhead = t.step_time_s / e2e_time[t.backbone] if t.backbone in e2e_time else None
-        lines.append(
-            f"| {t.label} | {ref} | {_f(mib(r['peak_activation_bytes']))} / {_x(r['step_time_s'], 2)} | "
-            f"{_x(r['activation_vs_target'], 2)} | {_x(r['time_vs_target'], 2)} | {_ok(r['activation_ok'])} | "
-            f"{_ok(r['activation_goal'])} | {_ok(r['time_ok'])} | {_ok(r['time_goal'])} | "
-            f"{_x(r['time_vs_e2e'], 2)} vs {_x(ref_overhead, 2)} |")
+        for r in by_target[t.label]:  # one line per lla variant of this configuration (e.g. aux_checkpoint)
+            opts = ",".join(f"{k}={v}" for k, v in r["options"].items() if k not in ("base", "depth"))
+            name = f"{t.label}, {opts}" if opts else t.label
+            lines.append(
+                f"| {name} | {ref} | {_f(mib(r['peak_activation_bytes']))} / {_x(r['step_time_s'], 2)} | "
+                f"{_x(r['activation_vs_target'], 2)} | {_x(r['time_vs_target'], 2)} | {_ok(r['activation_ok'])} | "
+                f"{_ok(r['activation_goal'])} | {_ok(r['time_ok'])} | {_ok(r['time_goal'])} | "
+                f"{_x(r['time_vs_e2e'], 2)} vs {_x(ref_overhead, 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +248,13 @@ def busy_warning(env: dict) -> list[str]:
             "and their ratios to the references are inflated; memory figures are exact regardless.\n"]
 
 
+def _short_name(row: dict) -> str:
+    """Bar label: the method plus any method option that tells two rows of one group apart (``dgl+ckpt``)."""
+    extra = [("ckpt" if k == "aux_checkpoint" else k) for k, v in (row.get("options") or {}).items()
+             if k not in ("base", "depth") and "." not in k and v not in (False, None)]
+    return "+".join([row["method"], *extra])
+
+
 def write_plot(path: str | Path, rows: Sequence[dict]) -> None:
     """Peak activation MiB (reference targets as black ticks) and step time per method, per group."""
     import matplotlib
@@ -248,7 +267,7 @@ def write_plot(path: str | Path, rows: Sequence[dict]) -> None:
         return
     fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups) + 1, 6.5), squeeze=False)
     for col, (_, group) in enumerate(groups):
-        names = [r["method"] for r in group]
+        names = [_short_name(r) for r in group]
         acts = [mib(r["peak_activation_bytes"]) for r in group]
         times = [r["step_time_s"] for r in group]
         ax = axes[0][col]

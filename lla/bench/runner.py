@@ -42,7 +42,7 @@ class BenchConfig:
     k: int
     batch_size: int
     image_size: int
-    options: tuple[tuple[str, Any], ...] = ()  # method options, e.g. (("base", "infopro"),)
+    options: tuple[tuple[str, Any], ...] = ()  # method options, e.g. (("base", "infopro"),); dotted: any key
     precision: str = "32-true"
     channels_last: bool = False
     num_classes: int | None = None  # None: 1000 for ImageNet backbones, 10 otherwise
@@ -83,7 +83,8 @@ def compose_overrides(cfg: BenchConfig, num_classes: int) -> list[str]:
     out = [f"method={cfg.method}", f"backbone={cfg.backbone}", f"k={cfg.k}", "dataset=synthetic", "logger=none",
            f"dataset.image_size={cfg.image_size}", f"dataset.num_classes={num_classes}",
            f"dataset.batch_size={cfg.batch_size}", f"trainer.precision={cfg.precision}"]
-    out += [f"method.{k}={_override_value(v)}" for k, v in cfg.options]
+    # A dotted option is a full config path (``backbone.fused_bn_relu``); a bare one is a method option.
+    out += [f"{k if '.' in k else 'method.' + k}={_override_value(v)}" for k, v in cfg.options]
     return out
 
 

@@ -1,9 +1,9 @@
 """Benchmark suites as data: which (method, backbone, K, batch, image size, numerics) rows ``--suite`` runs.
 
-``default`` is issue 7's suite (``make bench``, under ~10 minutes on a 2-core CPU when the machine is otherwise idle):
-ResNet-32 K=16 and ResNet-110 K=55 at 32x32, batch 64, for every method; ImageNet ResNet-101 K=2 (e2e, infopro,
-man) and ResNet-34 K=16 (auglocal, mlaan) at 224x224, batch 8; and ResNet-32 K=16 again under bf16-mixed and
-channels_last, to show what each option does. Every group carries its own E2E row, for the ratios.
+``default`` is issue 7's suite (``make bench``): ResNet-32 K=16 and ResNet-110 K=55 at 32x32, batch 64, for every
+method; ImageNet ResNet-101 K=2 (e2e, infopro, man) and ResNet-34 K=16 (auglocal, mlaan) at 224x224, batch 8;
+ResNet-32 K=16 again under bf16-mixed and channels_last, and with the memory options (``method.aux_checkpoint``,
+then also ``backbone.fused_bn_relu``), to show what each does. Every group carries its own E2E row, for the ratios.
 """
 
 from __future__ import annotations
@@ -20,16 +20,20 @@ CIFAR_METHODS: dict[str, tuple[tuple[str, object], ...]] = {
     "man": (("base", "infopro"),),
     "mlaan": (),
 }
+LOCAL_METHODS = tuple(m for m in CIFAR_METHODS if m != "e2e")
+AUX_CHECKPOINT = (("aux_checkpoint", True),)
+LEAN = (*AUX_CHECKPOINT, ("backbone.fused_bn_relu", True))  # every memory option lla has
 
 
 def _cifar(backbone: str, k: int, depth: int, precision: str = "32-true", channels_last: bool = False,
-           methods: tuple[str, ...] = tuple(CIFAR_METHODS)):
+           methods: tuple[str, ...] = tuple(CIFAR_METHODS), extra: tuple[tuple[str, object], ...] = ()):
     rows = []
     for method in methods:
         options = CIFAR_METHODS[method]
         if method == "auglocal":
             options = (("depth", depth),)
-        rows.append(BenchConfig(method, backbone, k, 64, 32, options, precision, channels_last))
+        mine = tuple((key, v) for key, v in extra if "." in key or method != "e2e")  # E2E has no aux net
+        rows.append(BenchConfig(method, backbone, k, 64, 32, options + mine, precision, channels_last))
     return rows
 
 
@@ -46,13 +50,19 @@ def default_suite() -> list[BenchConfig]:
         # bf16 has no hardware support on an AVX2-only CPU (emulated, several times slower): three methods show
         # the memory effect; every method runs under bf16 in `lla-bench --methods ... --precision bf16-mixed`.
         *_cifar("resnet32", 16, depth=2, precision="bf16-mixed", methods=("e2e", "dgl", "man")),
-        *_cifar("resnet32", 16, depth=2, channels_last=True),
+        *_cifar("resnet32", 16, depth=2, channels_last=True, methods=("e2e", "dgl", "man")),
+        # method.aux_checkpoint: the same rows recomputing aux activations in backward (memory vs time) ...
+        *_cifar("resnet32", 16, depth=2, methods=LOCAL_METHODS, extra=AUX_CHECKPOINT),
+        # ... and with backbone.fused_bn_relu on top (E2E included, so the ratios compare like with like)
+        *_cifar("resnet32", 16, depth=2, extra=LEAN),
+        *_cifar("resnet110", 55, depth=3, methods=("e2e", "auglocal", "man"), extra=LEAN),
     ]
 
 
 def quick_suite() -> list[BenchConfig]:
-    """ResNet-32 K=16 only (about a minute): the reference comparisons that matter most."""
-    return _cifar("resnet32", 16, depth=2)
+    """ResNet-32 K=16 only: plain, with aux_checkpoint, and lean (both memory options); the reference comparisons."""
+    return [*_cifar("resnet32", 16, depth=2), *_cifar("resnet32", 16, depth=2, methods=LOCAL_METHODS,
+                                                       extra=AUX_CHECKPOINT), *_cifar("resnet32", 16, 2, extra=LEAN)]
 
 
 SUITES = {"default": default_suite, "quick": quick_suite}
