@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, default=8, help="nominal K for the local methods")
     ap.add_argument("--epochs", type=int, default=6, help="epochs per method (the digits recipe says 15)")
+    ap.add_argument("--image-size", type=int, default=16, help="side of the resized digits (8x8 originals)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(r[0] for r in RUNS))
     ap.add_argument("--out", default="outputs/demo")
     args = ap.parse_args(argv)
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, extra in RUNS:
         if wanted and label not in wanted:
             continue
-        overrides = ["dataset=digits", "backbone=resnet32", f"k={args.k}", "logger=none",
+        overrides = ["dataset=digits", f"dataset.image_size={args.image_size}", "backbone=resnet32", f"k={args.k}",
+                     "logger=none",
                      "trainer.enable_progress_bar=false", *extra]
         if args.epochs:
             overrides += [f"trainer.max_epochs={args.epochs}", f"optim.warmup_epochs={min(3, args.epochs // 4)}"]
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {label}: best test acc {100 * (result['val_acc_best'] or 0):.1f}% "
               f"({result['modules']} modules, {result['train_time_s']:.0f} s)", flush=True)
     table = format_table(rows)
-    print(f"\nResNet-32 on digits (1,437 train / 360 test images, 32x32), CPU, {time.time() - t0:.0f} s in all\n")
+    size = f"{args.image_size}x{args.image_size}"
+    print(f"\nResNet-32 on digits (1,437 train / 360 test images, {size}), CPU, {time.time() - t0:.0f} s in all\n")
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,18 @@ def test_digits_split_is_fixed_stratified_and_normalised_with_its_train_stats():
     assert torch.equal(yt, a.test_set.labels[: len(yt)])
 
 
+def test_digits_image_size_resizes_and_round_trips():
+    dm = ready(DigitsDataModule(image_size=16))
+    assert dm.image_size == 16 and dm.train_set.images.shape[1:] == (3, 16, 16)
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape[-2:] == (16, 16)
+    assert torch.allclose(dm.denormalize(x), dm.test_set.images[: len(x)], atol=1e-6)
+    # the same digits as at 32x32, only resized
+    assert torch.equal(dm.test_set.labels, ready(DigitsDataModule()).test_set.labels)
+    with pytest.raises(ConfigError, match="dataset.image_size"):
+        DigitsDataModule(image_size=4)
+
+
 def test_digits_train_crops_change_between_epochs():
     dm = ready(DigitsDataModule())
     assert dm.augment.flip is False  # a mirrored digit is another symbol

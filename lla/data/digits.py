@@ -11,12 +11,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lla.data.base import LLADataModule
+from lla.errors import ConfigError
 from lla.data.on_device import Augment
 from lla.data.tensor_set import TensorImageDataset
 
 
-def load_digits_32(test_size: float = 0.2, random_state: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_train, y_train, x_test, y_test): 8x8 digits scaled to [0,1], resized to 32x32 (bilinear), 3 channels.
+def load_digits_32(test_size: float = 0.2, random_state: int = 0, size: int = 32) -> tuple[Tensor, Tensor, Tensor,
+                                                                                        Tensor]:
+    """(x_train, y_train, x_test, y_test): 8x8 digits scaled to [0,1], resized to size x size (bilinear), 3 channels.
 
     The split is stratified and fixed (sklearn train_test_split, random_state=0): 1,437 train / 360 test.
     """
@@ -25,7 +27,7 @@ def load_digits_32(test_size: float = 0.2, random_state: int = 0) -> tuple[Tenso
 
     digits = load_digits()
     images = torch.from_numpy(digits.images).float().div(16.0)[:, None]  # pixel values are 0..16
-    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    images = F.interpolate(images, size=size, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     labels = torch.from_numpy(digits.target).long()
     train_idx, test_idx = train_test_split(
         torch.arange(len(labels)).numpy(),
@@ -38,9 +40,12 @@ def load_digits_32(test_size: float = 0.2, random_state: int = 0) -> tuple[Tenso
 
 
 class DigitsDataModule(LLADataModule):
-    """sklearn digits, 10 classes, 32x32x3. Validation is the held-out test split (METHODS.md §9.13).
+    """sklearn digits, 10 classes, 32x32x3 (``image_size`` changes the side). Validation is the held-out test split
+    (METHODS.md §9.13).
 
-    Train augmentation: random crop 32 with zero padding 2, no flip (a mirrored 3 is not a 3).
+    Train augmentation: random crop with zero padding 2, no flip (a mirrored 3 is not a 3). The normalisation
+    statistics are the 32x32 ones at every size: bilinear resizing barely moves them, and de-normalising (InfoPro's
+    target) inverts exactly whatever was applied.
     """
 
     name = "digits"
@@ -52,13 +57,16 @@ class DigitsDataModule(LLADataModule):
     augment = Augment(pad=2, pad_mode="constant", flip=False)
     default_workers = 0  # in memory already: worker processes would only add start-up time
 
-    def __init__(self, root: str | None = None, batch_size: int = 64, **kwargs):
+    def __init__(self, root: str | None = None, batch_size: int = 64, image_size: int = 32, **kwargs):
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ConfigError("dataset.image_size", f"got {image_size!r}", "an integer >= 8 (the digits are 8x8)")
         super().__init__(root=root, batch_size=batch_size, **kwargs)
+        self.image_size = image_size
         self._data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     def _split(self, train: bool) -> tuple[Tensor, Tensor]:
         if self._data is None:
-            self._data = load_digits_32()
+            self._data = load_digits_32(size=self.image_size)
         x_train, y_train, x_test, y_test = self._data
         return (x_train, y_train) if train else (x_test, y_test)
 
