@@ -67,13 +67,17 @@ class _Segment:
 
 
 def run_segment(modules: nn.Module | Sequence[nn.Module], x: Tensor, enabled: bool) -> Tensor:
-    """``modules(x)``, stored as only ``x`` when ``enabled`` and a graph is being built."""
+    """``modules(x)``, stored as only ``x`` when ``enabled`` and a graph is being built.
+
+    Only feature maps are worth it: a segment on a flat (N, F) input (the MLP after global pooling) stores a few KB
+    and would pay the recompute's fixed cost for nothing, so it runs plainly."""
     seq = (modules,) if isinstance(modules, nn.Module) else tuple(modules)
-    if not (enabled and torch.is_grad_enabled() and x.requires_grad):
+    if not (enabled and torch.is_grad_enabled() and x.requires_grad and x.dim() >= 4):
         for m in seq:
             x = m(x)
         return x
-    return checkpoint(_Segment(seq), x, use_reentrant=True, preserve_rng_state=True)
+    random = any(isinstance(sub, nn.modules.dropout._DropoutNd) for m in seq for sub in m.modules())
+    return checkpoint(_Segment(seq), x, use_reentrant=True, preserve_rng_state=random)
 
 
 def split_segments(children: Sequence[nn.Module]) -> list[tuple[nn.Module, ...]]:
