@@ -223,3 +223,27 @@ def test_bad_flag_exits_2_with_one_line(capsys):
         main(["--methods", "e2e", "--precision", "fp8", "--device", "cpu"])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: precision:")
+
+
+def test_interleaved_timing_normalises_by_the_e2e_beside_it(tmp_path):
+    """Every method's step is timed in turn with E2E's; ratios are against that E2E and the reference's ratio."""
+    from lla.bench.interleaved import main as interleaved_main
+
+    out = tmp_path / "i.json"
+    threads = torch.get_num_threads()
+    try:
+        code = interleaved_main(["--methods", "dgl,man", "--backbone", "resnet20", "--k", "8", "--batch-size", "8",
+                                 "--image-size", "16", "--rounds", "2", "--threads", "1", "--device", "cpu",
+                                 "--options", "aux_checkpoint=true", "--json", str(out),
+                                 "--markdown", str(tmp_path / "i.md")])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["e2e", "dgl", "man"]
+    assert rows["e2e"]["time_vs_e2e"] == 1.0 and "aux_checkpoint" not in rows["e2e"]["options"]
+    assert rows["man"]["options"]["aux_checkpoint"] is True and rows["man"]["modules"] > 1
+    for r in rows.values():
+        assert len(r["step_times_s"]) == 2
+        assert r["time_vs_e2e"] == pytest.approx(r["step_time_s"] / rows["e2e"]["step_time_s"])
+    assert f"| man | base=infopro,aux_checkpoint=True | {rows['man']['modules']} |" in (tmp_path / "i.md").read_text()
