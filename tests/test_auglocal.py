@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -15,29 +14,14 @@ from lla.aux.auglocal import auglocal_aux, aux_plan, net_dims, pyramid_depths, s
 from lla.backbones import build_backbone
 from lla.errors import ConfigError
 from lla.methods.auglocal import AugLocal
+from tests.helpers import grad_probe, trainer
 
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
-
-
-def trainer(**kw):
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 def auglocal(backbone="resnet32", k=16, size=32, cls=AugLocal, **kw):
     torch.manual_seed(0)
     return cls(build_backbone(backbone, 10), k=k, num_classes=10, image_size=size, optim=CONST, max_epochs=1, **kw)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU tensors gain nothing from intra-op threads; on a busy 2-core box those threads spin (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +135,7 @@ def test_yaml_lists_every_option():
     cfg = yaml.safe_load(open("conf/method/auglocal.yaml"))
     assert cfg.pop("_target_") == "lla.methods.auglocal.AugLocal"
     import inspect
+
     from lla.engine import LocalLearner
 
     kwonly = {n for cls in (AugLocal, LocalLearner) for n, p in inspect.signature(cls.__init__).parameters.items()
@@ -245,17 +230,7 @@ def test_vgg13_aux_structure(vgg13):
 
 
 # ---------------------------------------------------------------- training
-def module_of_param(model):
-    return {id(p): k for k in range(model.num_modules) for p in model.module_parameters(k)}
-
-
-class GradProbe(AugLocal):
-    """Records which modules hold gradients right after each local backward (before anything steps)."""
-
-    def backward_local(self, k, loss):
-        super().backward_local(k, loss)
-        owner = module_of_param(self)
-        self.seen.append((k, sorted({owner[id(p)] for p in self.parameters() if p.grad is not None})))
+GradProbe = grad_probe(AugLocal)
 
 
 def synthetic(n=128, size=16, classes=10, seed=0, batch_size=16):

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lla.backbones import build_backbone
 from lla.methods.dgl import DGL
 from lla.methods.e2e import E2E
+from tests.helpers import grad_probe, module_of_param, trainer
 
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
 
@@ -28,33 +29,12 @@ def loader(n=4, bs=8, size=16, seed=0):
     return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=bs, shuffle=False)
 
 
-def trainer(**kw):
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    args.update(kw)
-    return L.Trainer(**args)
-
-
 def dgl(k=4, backbone="resnet20", size=16, **kw):
     torch.manual_seed(0)
     return DGL(build_backbone(backbone, 10), k=k, num_classes=10, image_size=size, optim=CONST, max_epochs=1, **kw)
 
 
-def module_of_param(model):
-    owner = {}
-    for k in range(model.num_modules):
-        for p in model.module_parameters(k):
-            owner[id(p)] = k
-    return owner
-
-
-class GradProbe(DGL):
-    """Records which modules hold gradients right after each local backward (before anything steps)."""
-
-    def backward_local(self, k, loss):
-        super().backward_local(k, loss)
-        owner = module_of_param(self)
-        self.seen.append((k, sorted({owner[id(p)] for p in self.parameters() if p.grad is not None})))
+GradProbe = grad_probe(DGL)
 
 
 def test_gradient_isolation_each_loss_reaches_only_its_module():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,17 +22,9 @@ from lla.backbones import build_backbone
 from lla.errors import ConfigError
 from lla.losses import supervised_contrastive_loss
 from lla.methods.infopro import InfoPro
+from tests.helpers import grad_probe, trainer
 
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from intra-op threads, and on a busy 2-core box they lose ~10x to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def denorm(x):
@@ -45,13 +36,6 @@ def infopro(k=4, backbone="resnet20", size=16, **kw):
     kw.setdefault("denormalize", denorm)
     return InfoPro(build_backbone(backbone, 10), k=k, num_classes=10, image_size=size, optim=CONST,
                    max_epochs=1, **kw)
-
-
-def trainer(**kw):
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 def template_data(n=256, size=16, classes=10, noise=0.15, seed=0):
@@ -303,17 +287,7 @@ def test_local_loss_uses_denormalised_batch_and_chosen_schedule():
 
 
 # ------------------------------------------------------------------------------------------------ training
-def module_of_param(model):
-    return {id(p): k for k in range(model.num_modules) for p in model.module_parameters(k)}
-
-
-class GradProbe(InfoPro):
-    """Records which modules hold gradients right after each local backward (before anything steps)."""
-
-    def backward_local(self, k, loss):
-        super().backward_local(k, loss)
-        owner = module_of_param(self)
-        self.seen.append((k, sorted({owner[id(p)] for p in self.parameters() if p.grad is not None})))
+GradProbe = grad_probe(InfoPro)
 
 
 def test_gradient_isolation_each_loss_reaches_only_its_module():

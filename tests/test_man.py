@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,19 +14,11 @@ from lla.backbones import build_backbone
 from lla.errors import ConfigError
 from lla.methods.man import MAN
 from lla.splits import resolve_split
+from tests.helpers import modules_with_grads, trainer
 
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
 HAS_INFOPRO = importlib.util.find_spec("lla.aux.infopro") is not None
 needs_infopro = pytest.mark.skipif(not HAS_INFOPRO, reason="lla/aux/infopro.py not written yet")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny convs gain nothing from two, and lose a lot when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def to01(x):
@@ -45,13 +36,6 @@ def loader(n=4, bs=8, size=16, seed=0):
     x = torch.randn(n * bs, 3, size, size, generator=g)
     y = torch.randint(0, 10, (n * bs,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=False)
-
-
-def trainer(**kw):
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 def b_next(model, k):
@@ -159,8 +143,7 @@ class GradProbe(MAN):
 
     def backward_local(self, k, loss):
         super().backward_local(k, loss)
-        owner = {id(p): j for j in range(self.num_modules) for p in self.module_parameters(j)}
-        mods = sorted({owner[id(p)] for p in self.parameters() if p.grad is not None})
+        mods = modules_with_grads(self)
         ema_grad = any(p.grad is not None for a in self.aux for p in a.ema.parameters())
         lb_grad = k < len(self.aux) and all(p.grad is not None for p in self.aux[k].lb.parameters())
         self.seen.append((k, mods, ema_grad, lb_grad))

@@ -19,18 +19,10 @@ from lla.ema import ema_update
 from lla.errors import ConfigError
 from lla.methods.mlaan import MLAAN
 from lla.splits import lam_layers
+from tests.helpers import trainer
 
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
 HAS_INFOPRO = importlib.util.find_spec("lla.aux.infopro") is not None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def batches(n=3, bs=8, size=16, classes=10, seed=0):
@@ -42,13 +34,6 @@ def batches(n=3, bs=8, size=16, classes=10, seed=0):
 def loader(data, bs=8):
     xs, ys = zip(*data)
     return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=bs, shuffle=False)
-
-
-def trainer(**kw):
-    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    args.update(kw)
-    return L.Trainer(**args)
 
 
 def mlaan(cls=MLAAN, backbone="resnet20", k=4, size=16, **kw):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from lla.methods.infopro import InfoPro
 from lla.methods.man import MAN
 from lla.methods.mlaan import MLAAN
 from lla.recompute import Chain, run_segment, split_segments
+from tests.helpers import trainer
 
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
 SMALL_K = {"lambda_schedule": "module_index", "ixx_2": 1.0, "ixy_2": 1.0}  # MAN's stage schedule needs K >= 8
@@ -51,9 +51,7 @@ def fit(model, steps=3):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(steps * 8, 3, 16, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (steps * 8,), generator=g)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=steps)
-    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
+    trainer(max_steps=steps).fit(model, DataLoader(TensorDataset(x, y), batch_size=8))
     return model
 
 

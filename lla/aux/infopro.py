@@ -30,8 +30,8 @@ from lla.aux.rules import LocalRule
 from lla.backbones.cifar_resnet import init_cifar
 from lla.backbones.imagenet_resnet import init_imagenet
 from lla.errors import ConfigError
-from lla.recompute import Chain
 from lla.losses import supervised_contrastive_loss
+from lla.recompute import Chain
 
 # aux_net_config name -> (conv layers, linear layers) (§5.3)
 HEADS = {"0c1f": (0, 1), "0c2f": (0, 2), "1c1f": (1, 1), "1c2f": (1, 2), "1c3f": (1, 3), "2c2f": (2, 2)}

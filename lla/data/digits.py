@@ -11,9 +11,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lla.data.base import LLADataModule
-from lla.errors import ConfigError
 from lla.data.on_device import Augment
 from lla.data.tensor_set import TensorImageDataset
+from lla.errors import ConfigError
 
 
 def load_digits_32(test_size: float = 0.2, random_state: int = 0, size: int = 32) -> tuple[Tensor, Tensor, Tensor,
