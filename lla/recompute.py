@@ -76,7 +76,7 @@ def run_segment(modules: nn.Module | Sequence[nn.Module], x: Tensor, enabled: bo
         for m in seq:
             x = m(x)
         return x
-    random = any(isinstance(sub, nn.modules.dropout._DropoutNd) for m in seq for sub in m.modules())
+    random = any(isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0 for m in seq for sub in m.modules())
     return checkpoint(_Segment(seq), x, use_reentrant=True, preserve_rng_state=random)
 
 
@@ -104,11 +104,14 @@ class Chain(nn.Sequential):
     """``nn.Sequential`` for aux nets (same state-dict keys) that recomputes segment by segment when asked."""
 
     recompute: bool = False
+    _segments: list[tuple[nn.Module, ...]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.recompute and torch.is_grad_enabled()):
             return super().forward(x)
-        for segment in split_segments(list(self)):
+        if self._segments is None:  # the chain never changes after it is built: split it once
+            self._segments = split_segments(list(self))
+        for segment in self._segments:
             x = run_segment(segment, x, True)
         return x
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lla.errors import ConfigError
+
 
 def _fusable(x: Tensor, bn: nn.Module, conv: nn.Module) -> bool:
     return (torch.is_grad_enabled() and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
@@ -35,8 +37,6 @@ def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, fused: bool) ->
 def set_fused_bn_relu(module: nn.Module, enabled: bool) -> bool:
     """Switch the fused op on every block under ``module`` that has one (class attribute ``fused_bn_relu``)."""
     if not isinstance(enabled, bool):
-        from lla.errors import ConfigError
-
         raise ConfigError("backbone.fused_bn_relu", f"must be a boolean, got {enabled!r}", "true, false")
     for m in module.modules():
         if "fused_bn_relu" in vars(type(m)):

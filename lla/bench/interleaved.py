@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lla.bench.runner import BenchConfig, build_model, resolve_device
-from lla.bench.suites import CIFAR_METHODS
+from lla.bench.suites import CIFAR_METHODS, row_options
 from lla.bench.targets import find_target, reference_e2e
 from lla.errors import ConfigError
 
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = []
         for method in ["e2e", *methods]:
             base = CIFAR_METHODS.get(method, ())
-            mine = tuple((k, v) for k, v in extra if "." in k or method != "e2e")
-            configs.append(BenchConfig(method, args.backbone, args.k, args.batch_size, args.image_size, base + mine))
+            configs.append(BenchConfig(method, args.backbone, args.k, args.batch_size, args.image_size,
+                                       base + row_options(method, extra)))
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
         try:

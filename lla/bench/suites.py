@@ -26,6 +26,11 @@ AUX_CHECKPOINT = (("aux_checkpoint", True),)
 LEAN = (*AUX_CHECKPOINT, ("backbone.fused_bn_relu", True))  # every memory option lla has
 
 
+def row_options(method: str, extra: tuple[tuple[str, object], ...]) -> tuple[tuple[str, object], ...]:
+    """``extra`` for one row: dotted (network) options go to every row, method options skip E2E (no aux net)."""
+    return tuple((key, v) for key, v in extra if "." in key or method != "e2e")
+
+
 def _cifar(backbone: str, k: int, depth: int, precision: str = "32-true", channels_last: bool = False,
            methods: tuple[str, ...] = tuple(CIFAR_METHODS), extra: tuple[tuple[str, object], ...] = ()):
     rows = []
@@ -33,8 +38,8 @@ def _cifar(backbone: str, k: int, depth: int, precision: str = "32-true", channe
         options = CIFAR_METHODS[method]
         if method == "auglocal":
             options = (("depth", depth),)
-        mine = tuple((key, v) for key, v in extra if "." in key or method != "e2e")  # E2E has no aux net
-        rows.append(BenchConfig(method, backbone, k, 64, 32, options + mine, precision, channels_last))
+        rows.append(BenchConfig(method, backbone, k, 64, 32, options + row_options(method, extra), precision,
+                                channels_last))
     return rows
 
 

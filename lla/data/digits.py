@@ -16,8 +16,8 @@ from lla.data.tensor_set import TensorImageDataset
 from lla.errors import ConfigError
 
 
-def load_digits_32(test_size: float = 0.2, random_state: int = 0, size: int = 32) -> tuple[Tensor, Tensor, Tensor,
-                                                                                        Tensor]:
+def load_digits_split(test_size: float = 0.2, random_state: int = 0, size: int = 32) -> tuple[Tensor, Tensor, Tensor,
+                                                                                          Tensor]:
     """(x_train, y_train, x_test, y_test): 8x8 digits scaled to [0,1], resized to size x size (bilinear), 3 channels.
 
     The split is stratified and fixed (sklearn train_test_split, random_state=0): 1,437 train / 360 test.
@@ -66,7 +66,7 @@ class DigitsDataModule(LLADataModule):
 
     def _split(self, train: bool) -> tuple[Tensor, Tensor]:
         if self._data is None:
-            self._data = load_digits_32(size=self.image_size)
+            self._data = load_digits_split(size=self.image_size)
         x_train, y_train, x_test, y_test = self._data
         return (x_train, y_train) if train else (x_test, y_test)
 
