@@ -29,9 +29,9 @@ def loader(n=4, bs=8, size=16, seed=0):
     return DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=bs, shuffle=False)
 
 
-def dgl(k=4, backbone="resnet20", size=16, **kw):
+def dgl(k=4, backbone="resnet20", size=16, optim=CONST, **kw):
     torch.manual_seed(0)
-    return DGL(build_backbone(backbone, 10), k=k, num_classes=10, image_size=size, optim=CONST, max_epochs=1, **kw)
+    return DGL(build_backbone(backbone, 10), k=k, num_classes=10, image_size=size, optim=optim, max_epochs=1, **kw)
 
 
 GradProbe = grad_probe(DGL)
@@ -97,6 +97,16 @@ def test_per_module_stepping_equals_single_optimizer_reference():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
     moved = sum((p - q).abs().sum() for p, q in zip(model.parameters(), dgl(k=4).parameters()))
     assert moved > 0  # training really changed the weights
+
+
+def test_fused_sgd_is_the_default_and_gives_the_for_loop_numbers_exactly():
+    fused, loop = dgl(k=4), dgl(k=4, optim={**CONST, "fused": False})
+    assert all(o.defaults["fused"] for o in fused.configure_optimizers().optimizers)
+    assert not any(o.defaults["fused"] for o in loop.configure_optimizers().optimizers)
+    for model in (fused, loop):
+        trainer(max_steps=3).fit(model, loader(n=3))
+    for (n, p), q in zip(fused.named_parameters(), loop.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_e2e_equals_plain_supervised_training():
