@@ -263,6 +263,8 @@ class LocalLearner(L.LightningModule):
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             raise ConfigError("trainer.strategy", "DistributedDataParallel allows one backward per step, local "
                               "learning runs one per module", "trainer=ddp (lla.distributed.LocalDDPStrategy)")
+        # precision=16-mixed: manual_backward scales each loss; the module steps must unscale (ModuleOptimizers).
+        self.optimizers().optimizer.use_scaler(getattr(self.trainer.precision_plugin, "scaler", None))
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum.zero_()

@@ -79,6 +79,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
         self.schedulers = [LambdaLR(opt, factor) for opt in self.optimizers]
         self.defaults = dict(self.optimizers[0].defaults) if self.optimizers else {}
         self._stepped = [False] * len(self.optimizers)
+        self.scaler: torch.amp.GradScaler | None = None  # use_scaler(), under precision=16-mixed
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
 
@@ -115,22 +116,50 @@ class ModuleOptimizers(torch.optim.Optimizer):
             raise ConfigError("ckpt_path", f"checkpoint has {len(state_dict['optimizers'])} module optimizers, "
                               f"this run has {len(self.optimizers)}", "a checkpoint of the same method, backbone and K")
         for opt, sd in zip(self.optimizers, state_dict["optimizers"]):
+            fused = opt.defaults["fused"]
             opt.load_state_dict(sd)
+            for group in opt.param_groups:  # the kernel is this run's choice, not the checkpoint's
+                group["fused"] = fused
         for sch, sd in zip(self.schedulers, state_dict.get("schedulers", [])):
             sch.load_state_dict(sd)
 
     def __repr__(self) -> str:
         return f"ModuleOptimizers({len(self.optimizers)} x SGD, schedule={self.cfg.schedule})"
 
+    def use_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
+        """Unscale and inf-check each module's gradients with ``scaler`` before its step (precision=16-mixed).
+
+        Also turns the fused kernel off: torch's fused SGD allocates momentum buffers with ``empty_like`` and fills
+        them in its first step, so a first step the scaler skips (inf gradients, common at the initial scale)
+        leaves them uninitialised and the next step adds garbage to the weights."""
+        self.scaler = scaler
+        if scaler is not None and scaler.is_enabled():
+            for opt in self.optimizers:
+                opt.defaults["fused"] = opt._step_supports_amp_scaling = False
+                for group in opt.param_groups:
+                    group["fused"] = False
+
     # -- per-module stepping ------------------------------------------------------------------------------------
     def step_module(self, j: int) -> None:
-        """Update module j now and free its gradients (the gradient-memory half of the saving)."""
-        self.optimizers[j].step()
+        """Update module j now and free its gradients (the gradient-memory half of the saving).
+
+        Under fp16 the gradients are scaled: the scaler unscales them, and skips this module's update if they hold
+        inf/NaN. Each module is checked on its own; the scale itself is updated once per batch (Lightning calls
+        ``scaler.update()`` after the container's ``step``)."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizers[j])
+        else:
+            self.optimizers[j].step()
         self.optimizers[j].zero_grad(set_to_none=True)
         self._stepped[j] = True
 
+    # GradScaler.step(container) hands itself to step() instead of unscaling the container: its gradients are
+    # already unscaled, stepped and freed module by module, so there is nothing left to check (lightning's
+    # MixedPrecision plugin reads this flag too, and skips its own unscale_).
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None, grad_scaler=None):  # type: ignore[override]
         """Once per batch: step any module not stepped yet (none, in the engine's loop) and reset the flags."""
         loss = None
         if closure is not None:
@@ -138,8 +167,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
                 loss = closure()
         for j, done in enumerate(self._stepped):
             if not done:
-                self.optimizers[j].step()
-                self.optimizers[j].zero_grad(set_to_none=True)
+                self.step_module(j)
         self._stepped = [False] * len(self.optimizers)
         return loss
 

@@ -225,6 +225,14 @@ def test_bad_flag_exits_2_with_one_line(capsys):
     assert capsys.readouterr().err.strip().startswith("error: precision:")
 
 
+def test_fp16_bench_row_needs_cuda():
+    # On a CPU Lightning swaps 16-mixed for bf16-mixed with a warning: the row would be mislabelled.
+    from lla.bench.runner import BenchConfig, check_config
+
+    with pytest.raises(ConfigError, match="CUDA"):
+        check_config(BenchConfig("e2e", "resnet20", 4, 8, 16, precision="16-mixed"), torch.device("cpu"))
+
+
 def test_interleaved_timing_normalises_by_the_e2e_beside_it(tmp_path):
     """Every method's step is timed in turn with E2E's; ratios are against that E2E and the reference's ratio."""
     from lla.bench.interleaved import main as interleaved_main

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from lla.backbones import build_backbone
@@ -107,6 +108,51 @@ def test_fused_sgd_is_the_default_and_gives_the_for_loop_numbers_exactly():
         trainer(max_steps=3).fit(model, loader(n=3))
     for (n, p), q in zip(fused.named_parameters(), loop.parameters()):
         assert torch.equal(p, q), n
+
+
+def fit_fp16(model, scaler, steps, data):
+    """precision=16-mixed with a given GradScaler (Lightning itself only allows fp16 AMP on a GPU; CPU autocast and
+    GradScaler run the same code paths)."""
+    trainer(max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler)]).fit(model, data)
+
+
+def test_fp16_mixed_unscales_every_module_step():
+    # Loss scales are powers of two, so a correct unscale gives the same weights at any scale that neither
+    # overflows nor underflows (to fp16 rounding of tiny gradients); stepping the scaled gradients (the container
+    # bypassing the scaler) would move them 16x further.
+    runs = []
+    for scale in (2.0**8, 2.0**12):
+        model = dgl(k=4)
+        fit_fp16(model, torch.amp.GradScaler("cpu", init_scale=scale), 3, loader(n=3))
+        runs.append(model)
+    for (n, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+    assert sum((p - p0).abs().sum() for p, p0 in zip(runs[0].parameters(), dgl(k=4).parameters())) > 0
+
+
+def test_fp16_overflow_skips_the_step_and_the_next_step_is_clean():
+    # Step 1 overflows at scale 2**40 in every module: nothing moves, the scale drops to 2**10. Step 2 must then be
+    # exactly one clean step (torch's fused SGD would add never-initialised momentum buffers here).
+    x, y = batches(1)[0]
+    twice = DataLoader(TensorDataset(torch.cat([x, x]), torch.cat([y, y])), batch_size=len(x), shuffle=False)
+    skipped = dgl(k=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-30)
+    fit_fp16(skipped, scaler, 2, twice)
+    assert scaler.get_scale() == 2.0**10
+    clean = dgl(k=4)
+    fit_fp16(clean, torch.amp.GradScaler("cpu", init_scale=2.0**10), 1, loader(n=1))
+    for (n, p), q in zip(skipped.named_parameters(), clean.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_fp16_resume_keeps_the_unfused_kernel():
+    # Lightning restores optimizer state after on_fit_start: a checkpoint's groups must not switch fused back on.
+    saved = dgl(k=4).configure_optimizers().state_dict()
+    opt = dgl(k=4).configure_optimizers()
+    opt.use_scaler(torch.amp.GradScaler("cpu"))
+    opt.load_state_dict(saved)
+    assert all(g["fused"] is False for g in opt.param_groups)
+    assert not any(o._step_supports_amp_scaling for o in opt.optimizers)
 
 
 def test_e2e_equals_plain_supervised_training():

@@ -25,8 +25,7 @@ from lla.bench import accounting as acc
 from lla.bench.memory import TrainingMemoryMeter
 from lla.errors import ConfigError
 
-# 16-mixed is left out: its GradScaler never sees the engine's per-module optimizer steps.
-PRECISIONS = ("32-true", "bf16-mixed")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 class MethodUnavailable(Exception):
@@ -246,6 +245,8 @@ def resolve_device(device: str) -> torch.device:
 def check_config(cfg: BenchConfig, device: torch.device) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError("precision", f"unknown precision {cfg.precision!r}", ", ".join(PRECISIONS))
+    if cfg.precision == "16-mixed" and device.type != "cuda":  # Lightning would quietly run bf16 instead
+        raise ConfigError("precision", "16-mixed (fp16 AMP) needs a CUDA device", "32-true, bf16-mixed")
     for key, value in (("batch_size", cfg.batch_size), ("image_size", cfg.image_size), ("k", cfg.k)):
         if int(value) < 1:
             raise ConfigError(key, f"must be a positive integer, got {value}", ">= 1")
