@@ -81,7 +81,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     """Fit one configuration and write ``results.json`` into ``out_dir``."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lla.callbacks import ActivationMemory, StepTimer
@@ -129,8 +129,13 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     safety, last_ckpt, preemption = reliability_callbacks(
         out_dir, every_n_steps=int(cfg.get("checkpoint", {}).get("every_n_steps", 0)),
         nan_check_every=int(cfg.get("nan_check_every", 10)), seed=int(cfg.seed), method=method_name)
+    callbacks = [timer, act, ckpt, *safety]
+    if cfg.trainer.get("enable_progress_bar", True):
+        # Each refresh turns the logged train/loss into a Python float: one GPU->CPU sync, which per step would stall
+        # the K modules' kernel launches behind the GPU.
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_every", 1))))
     try:
-        trainer = instantiate(cfg.trainer, callbacks=[timer, act, ckpt, *safety], plugins=trainer_plugins(),
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, plugins=trainer_plugins(),
                               logger=logger, default_root_dir=str(out_dir))
     except Exception as err:  # e.g. trainer.precision=17, or trainer=gpu on a machine without one
         cause = err.__cause__ or err

@@ -28,7 +28,8 @@ from typing import Any
 
 #: config keys that never make two runs different settings (paths, logging, the seed that the mean runs over)
 IGNORED_KEYS = re.compile(
-    r"^(seed|label|mode|ckpt_path|run_dir|resume|nan_check_every|checkpoint\..*|logger\..*|measure\..*|"
+    r"^(seed|label|mode|ckpt_path|run_dir|resume|nan_check_every|progress_every|optim\.fused|checkpoint\..*|"
+    r"logger\..*|measure\..*|"
     r"dataset\.(seed|root|download|num_workers|pin_memory|"
     r"persistent_workers|verify_md5|eval_batch_size)|trainer\.(enable_progress_bar|log_every_n_steps|"
     r"enable_model_summary|default_root_dir)|k_sweep\..*|auglocal_readme_depth\..*)$"

@@ -309,3 +309,27 @@ def test_kill9_then_sigterm_then_rerun_resumes_each_time(tmp_path):
     assert f"resuming from {last} (epoch " in out and f", step {s2})" in out
     results = json.loads((run_folder / "results.json").read_text())
     assert results["status"] == "completed" and results["global_step"] == 32 and results["epochs"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- host syncs
+def test_progress_bar_reads_the_loss_every_progress_every_steps(tmp_path, monkeypatch):
+    """Each progress-bar refresh turns train/loss into a float (a GPU->CPU sync on CUDA): count those reads."""
+    import lightning.pytorch.trainer.connectors.logger_connector.result as result
+
+    reads = []
+    real = result.convert_tensors_to_scalars
+
+    def counting(value):
+        reads.append(1)
+        return real(value)
+
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", counting)
+    quiet = [o for o in TINY if not o.startswith(("trainer.enable_progress_bar", "checkpoint.", "nan_check_every"))]
+    counts = {}
+    for every in (1, 100):
+        reads.clear()
+        run(quiet + [f"progress_every={every}", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=50",
+                     "checkpoint.every_n_steps=0", "nan_check_every=0"], tmp_path / f"every{every}")
+        counts[every] = len(reads)
+    # 2 epochs x 4 steps: the bar always refreshes at an epoch's last step; steps 1-3 of each only when every=1
+    assert counts[1] - counts[100] >= 6
