@@ -206,10 +206,20 @@ class MLAAN(LocalLearner):
         if self.span(k) == 1:
             h.backward(gy if gx is None else gx + gy)
             return
-        if gx is not None:  # the independent loss reaches module k only; keep the graph for the cascade
-            own = [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
-            torch.autograd.backward(h, gx, inputs=own, retain_graph=True)
-        h.backward(gy)  # the cascade: modules k-span+1..k; frees every graph of this loss
+        if gx is None:
+            h.backward(gy)  # the cascade alone: modules k-span+1..k
+            return
+        # Module k's weights take gx + gy in one pass; the cascade then carries gy alone through module k (input
+        # gradients only: module k's weights are not asked for) into the modules before it, freeing every graph.
+        # Backward through module k: weight + input gradients once, input gradients once more, instead of twice both.
+        own = self._module_params(k)
+        torch.autograd.backward(h, gx + gy, inputs=own, retain_graph=True)
+        upstream = [p for j in range(k - self.span(k) + 1, k) for p in self._module_params(j)]
+        torch.autograd.backward(h, gy, inputs=upstream)
+
+    def _module_params(self, k: int) -> list[nn.Parameter]:
+        """Module k's backbone parameters (its blocks; not its aux nets, which the heads' backward already reached)."""
+        return [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
 
     def after_backward(self, k: int) -> None:
         """EMA_k <- m EMA_k + (1-m) source, before the source block's module steps in this batch (§5.6)."""
