@@ -163,6 +163,20 @@ def test_decoder_reconstructs_image_size_and_bce_targets_x01():
         rule(h, y)
 
 
+def test_decoder_upsample_is_bit_identical_in_its_faster_cpu_layout():
+    """UpsampleTo runs channels_last on a CPU (torch's NCHW bilinear kernel is several times slower): same values and
+    input gradients as the plain NCHW interpolation, and the layout carries on into the decoder's convs."""
+    from lla.aux.infopro import UpsampleTo
+
+    h = torch.randn(4, 32, 8, 8, requires_grad=True)
+    up = UpsampleTo(size=(32, 32), mode="bilinear", align_corners=True)(h)
+    ref = F.interpolate(h, size=32, mode="bilinear", align_corners=True)
+    assert torch.equal(up, ref) and up.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(ref)
+    (g_up,), (g_ref,) = torch.autograd.grad(up, h, g, retain_graph=True), torch.autograd.grad(ref, h, g)
+    assert torch.equal(g_up, g_ref)
+
+
 def test_rule_combines_weighted_terms():
     torch.manual_seed(0)
     h, y, x01 = torch.randn(4, 32, 8, 8), torch.tensor([0, 1, 0, 1]), torch.rand(4, 3, 16, 16)

