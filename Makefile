@@ -27,12 +27,15 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # Memory for every row (exact), step times per row; then step / E2E measured interleaved (stable on a shared host),
-# plain and with both memory options. About 10 minutes on an idle 2-core CPU.
+# plain (8 rounds: the ratios the targets are judged on), with both memory options, and in channels_last.
+# About 11 minutes on an idle 2-core CPU.
 bench: install
 	$(PY) -m lla.bench.cli --suite default --steps 2 --json bench/results.json --markdown bench/results.md --plot bench/results.png
-	$(PY) -m lla.bench.interleaved --rounds 4 --json bench/interleaved.json --markdown bench/interleaved.md
+	$(PY) -m lla.bench.interleaved --rounds 8 --json bench/interleaved.json --markdown bench/interleaved.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --options aux_checkpoint=true,backbone.fused_bn_relu=true \
 		--json bench/interleaved_lean.json --markdown bench/interleaved_lean.md
+	$(PY) -m lla.bench.interleaved --rounds 4 --channels-last --json bench/interleaved_cl.json \
+		--markdown bench/interleaved_cl.md
 
 lint: install
 	$(VENV)/bin/ruff check lla tests run.py

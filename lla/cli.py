@@ -73,6 +73,8 @@ def build(cfg: DictConfig, choices: dict[str, str] | None = None):
         cfg.method, "method", backbone=backbone, k=int(cfg.k), num_classes=dm.num_classes,
         image_size=dm.image_size, optim=OmegaConf.to_container(cfg.optim, resolve=True),
         max_epochs=int(cfg.trainer.max_epochs), denormalize=dm.denormalize)
+    if cfg.get("channels_last", False):
+        model.use_channels_last()
     return dm, model
 
 

@@ -91,6 +91,7 @@ class LocalLearner(L.LightningModule):
         self.register_buffer("_loss_sum", torch.zeros(K), persistent=False)
         self._loss_batches = 0
         self.step_inputs: deque[Tensor] = deque(maxlen=self._max_span)
+        self.channels_last = False
 
     # ------------------------------------------------------------------ structure
     def resolve_split(self, backbone: nn.Module, k: int) -> Split:
@@ -167,6 +168,17 @@ class LocalLearner(L.LightningModule):
 
     def after_backward(self, k: int) -> None:
         """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1."""
+
+    def use_channels_last(self) -> None:
+        """Weights and every batch in torch.channels_last (NHWC): a layout, same model. On this CPU ~10% faster
+        steps for E2E and every method (bench/interleaved_cl.md); on a GPU it pays off with 16/bf16 tensor cores."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last and isinstance(batch, (tuple, list)) and batch[0].dim() == 4:
+            batch = type(batch)([batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]])
+        return batch
 
     # ------------------------------------------------------------------ helpers for methods
     def x01(self, batch) -> Tensor:

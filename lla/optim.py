@@ -34,6 +34,8 @@ class OptimConfig:
     fused: bool | None = None  # one-kernel SGD update; None = wherever torch has the kernel (same numbers)
 
     def validate(self) -> None:
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise ConfigError("optim.fused", f"must be true, false or null, got {self.fused!r}", "true, false, null")
         if not self.lr > 0:
             raise ConfigError("optim.lr", f"must be > 0, got {self.lr}", "a positive float, e.g. 0.1")
         if self.weight_decay < 0:
@@ -146,11 +148,12 @@ class ModuleOptimizers(torch.optim.Optimizer):
         Under fp16 the gradients are scaled: the scaler unscales them, and skips this module's update if they hold
         inf/NaN. Each module is checked on its own; the scale itself is updated once per batch (Lightning calls
         ``scaler.update()`` after the container's ``step``)."""
-        if self.scaler is not None:
-            self.scaler.step(self.optimizers[j])
+        opt = self.optimizers[j]
+        if self.scaler is not None and any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+            self.scaler.step(opt)  # (it refuses an optimizer without gradients: nothing to check, nothing to do)
         else:
-            self.optimizers[j].step()
-        self.optimizers[j].zero_grad(set_to_none=True)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
         self._stepped[j] = True
 
     # GradScaler.step(container) hands itself to step() instead of unscaling the container: its gradients are

@@ -274,8 +274,9 @@ def check_config(cfg: DictConfig) -> None:
     _int_at_least(checkpoint.get("every_n_steps", 0), "checkpoint.every_n_steps", 0, "0 (epoch ends only) or >= 1")
     _int_at_least(cfg.get("nan_check_every", 0), "nan_check_every", 0, "0 (only before checkpoints) or >= 1")
     _int_at_least(cfg.get("progress_every", 1), "progress_every", 1)
-    if not isinstance(cfg.get("resume", True), bool):
-        raise ConfigError("resume", f"must be true or false, got {cfg.resume!r}", "true, false")
+    for key in ("resume", "channels_last"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(key, f"must be true or false, got {cfg.get(key)!r}", "true, false")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "", "last", "hpc") and not Path(str(ckpt_path)).expanduser().is_file():
         raise ConfigError("ckpt_path", f"{ckpt_path} does not exist",

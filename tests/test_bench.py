@@ -255,3 +255,15 @@ def test_interleaved_timing_normalises_by_the_e2e_beside_it(tmp_path):
         assert len(r["step_times_s"]) == 2
         assert r["time_vs_e2e"] == pytest.approx(r["step_time_s"] / rows["e2e"]["step_time_s"])
     assert f"| man | base=infopro,aux_checkpoint=True | {rows['man']['modules']} |" in (tmp_path / "i.md").read_text()
+
+
+def test_interleaved_channels_last_keeps_a_plain_nchw_e2e_as_the_yardstick():
+    from lla.bench.interleaved import measure
+    from lla.bench.runner import BenchConfig
+
+    rows = measure([BenchConfig("e2e", "resnet20", 4, 4, 16), BenchConfig("dgl", "resnet20", 4, 4, 16)],
+                   rounds=1, warmup=0, device="cpu", channels_last=True)
+    assert [(r["method"], r["channels_last"]) for r in rows] == [("e2e", False), ("e2e", True), ("dgl", True)]
+    plain, nhwc, dgl = (r["step_time_s"] for r in rows)
+    assert rows[2]["time_vs_e2e"] == pytest.approx(dgl / nhwc)
+    assert rows[2]["time_vs_plain_e2e"] == pytest.approx(dgl / plain)

@@ -6,6 +6,7 @@ the ratios are stable (two runs agree within ~5%). Compared with the references'
 
     python -m lla.bench.interleaved --json bench/interleaved.json --markdown bench/interleaved.md
     python -m lla.bench.interleaved --options aux_checkpoint=true,backbone.fused_bn_relu=true
+    python -m lla.bench.interleaved --channels-last
 """
 
 from __future__ import annotations
@@ -36,22 +37,30 @@ def detach_from_trainer(model) -> None:
     model.train()
 
 
-def measure(configs: list[BenchConfig], rounds: int = 7, warmup: int = 1, device: str = "auto") -> list[dict]:
-    """Median step time of each config over ``rounds`` interleaved rounds (the first ``warmup`` dropped)."""
+def measure(configs: list[BenchConfig], rounds: int = 7, warmup: int = 1, device: str = "auto",
+            channels_last: bool = False) -> list[dict]:
+    """Median step time of each config over ``rounds`` interleaved rounds (the first ``warmup`` dropped).
+
+    ``channels_last``: every config runs in NHWC, and a plain (NCHW) E2E is timed beside them as the yardstick the
+    references' ratios are taken against (their E2E is plain PyTorch in NCHW)."""
     dev = resolve_device(device)
+    plans = [(cfg, channels_last) for cfg in configs]
+    if channels_last:
+        plans.insert(0, (next(c for c in configs if c.method == "e2e"), False))
     models = []
-    for cfg in configs:
+    for cfg, nhwc in plans:
         model, _ = build_model(cfg)
-        model.to(dev)
+        model.to(dev, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         detach_from_trainer(model)
         models.append(model)
     g = torch.Generator().manual_seed(0)
     size, n = configs[0].image_size, configs[0].batch_size
-    batch = (torch.randn(n, 3, size, size, generator=g).to(dev),
-             torch.randint(0, models[0].num_classes, (n,), generator=g).to(dev))
+    x = torch.randn(n, 3, size, size, generator=g).to(dev)
+    y = torch.randint(0, models[0].num_classes, (n,), generator=g).to(dev)
+    batches = [(x.contiguous(memory_format=torch.channels_last) if nhwc else x, y) for _, nhwc in plans]
     times: list[list[float]] = [[] for _ in models]
     for r in range(warmup + rounds):
-        for i, model in enumerate(models):
+        for i, (model, batch) in enumerate(zip(models, batches)):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
@@ -61,36 +70,51 @@ def measure(configs: list[BenchConfig], rounds: int = 7, warmup: int = 1, device
             if r >= warmup:
                 times[i].append(time.perf_counter() - t0)
     rows = []
-    for cfg, model, ts in zip(configs, models, times):
+    for (cfg, nhwc), model, ts in zip(plans, models, times):
         rows.append({"method": cfg.method, "base": getattr(model, "base", None), "options": dict(cfg.options),
                      "backbone": cfg.backbone, "k": cfg.k, "modules": model.num_modules,
                      "batch_size": cfg.batch_size, "image_size": cfg.image_size, "precision": "32-true",
-                     "channels_last": False, "device": dev.type, "threads": torch.get_num_threads(),
+                     "channels_last": nhwc, "device": dev.type, "threads": torch.get_num_threads(),
                      "step_time_s": statistics.median(ts), "step_times_s": ts})
-    e2e = next((r["step_time_s"] for r in rows if r["method"] == "e2e"), None)
+    e2e = {r["channels_last"]: r["step_time_s"] for r in rows if r["method"] == "e2e"}
     for row in rows:
-        row["time_vs_e2e"] = row["step_time_s"] / e2e if e2e else None
-        target = find_target(row)
+        row["time_vs_e2e"] = row["step_time_s"] / e2e[row["channels_last"]]  # E2E in the same layout
+        row["time_vs_plain_e2e"] = row["step_time_s"] / e2e[False]  # the references' yardstick
+        target = find_target({**row, "channels_last": False})
         ref = reference_e2e(target) if target else None
         row["reference_time_vs_e2e"] = target.step_time_s / ref.step_time_s if target and ref else None
-        row["vs_reference"] = (row["time_vs_e2e"] / row["reference_time_vs_e2e"]
-                               if row["time_vs_e2e"] and row["reference_time_vs_e2e"] else None)
+        row["vs_reference"] = (row["time_vs_plain_e2e"] / row["reference_time_vs_e2e"]
+                               if row["reference_time_vs_e2e"] else None)
     return rows
 
 
 def markdown(rows: list[dict], rounds: int) -> str:
     first = rows[0]
-    lines = [f"#### Interleaved step times: {first['backbone']} K={first['k']}, batch {first['batch_size']}, "
-             f"{first['image_size']}x{first['image_size']}, {first['device']}, {first['threads']} threads, "
-             f"median of {rounds} rounds\n",
-             "| method | options | modules | step s | x E2E | reference x E2E | lla / reference |",
-             "|---|---|---|---|---|---|---|"]
+    nhwc = any(r["channels_last"] for r in rows)
+    where = (f"{first['backbone']} K={first['k']}, batch {first['batch_size']}, {first['image_size']}x"
+             f"{first['image_size']}, {first['device']}, {first['threads']} threads, median of {rounds} rounds")
+    if not nhwc:
+        lines = [f"#### Interleaved step times: {where}\n",
+                 "| method | options | modules | step s | x E2E | reference x E2E | lla / reference |",
+                 "|---|---|---|---|---|---|---|"]
+    else:
+        lines = [f"#### Interleaved step times in channels_last: {where}\n",
+                 "Each method and E2E run in NHWC; \"x plain E2E\" divides by E2E in NCHW (plain PyTorch, what the "
+                 "references' own ratios are taken against), and lla / reference uses that column.\n",
+                 "| method | layout | options | modules | step s | x E2E (same layout) | x plain E2E | reference x E2E "
+                 "| lla / reference |",
+                 "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = ",".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         ref = "-" if r["reference_time_vs_e2e"] is None else f"{r['reference_time_vs_e2e']:.2f}"
         vs = "-" if r["vs_reference"] is None else f"{r['vs_reference']:.2f}"
-        lines.append(f"| {r['method']} | {opts} | {r['modules']} | {r['step_time_s']:.3f} | "
-                     f"{r['time_vs_e2e']:.2f} | {ref} | {vs} |")
+        if not nhwc:
+            lines.append(f"| {r['method']} | {opts} | {r['modules']} | {r['step_time_s']:.3f} | "
+                         f"{r['time_vs_e2e']:.2f} | {ref} | {vs} |")
+        else:
+            layout = "NHWC" if r["channels_last"] else "NCHW"
+            lines.append(f"| {r['method']} | {layout} | {opts} | {r['modules']} | {r['step_time_s']:.3f} | "
+                         f"{r['time_vs_e2e']:.2f} | {r['time_vs_plain_e2e']:.2f} | {ref} | {vs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--options", default="", help="added to every row, e.g. aux_checkpoint=true (E2E: dotted only)")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in torch.channels_last")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -130,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
         try:
-            rows = measure(configs, args.rounds, args.warmup, args.device)
+            rows = measure(configs, args.rounds, args.warmup, args.device, args.channels_last)
         finally:
             torch.set_num_threads(threads)
     except ConfigError as err:
