@@ -28,7 +28,7 @@ test-fast: install
 
 # Memory for every row (exact), step times per row; then step / E2E measured interleaved (stable on a shared host),
 # plain (8 rounds: the ratios the targets are judged on), with both memory options, and in channels_last.
-# About 11 minutes on an idle 2-core CPU.
+# About 10.5 minutes on an idle 2-core CPU.
 bench: install
 	$(PY) -m lla.bench.cli --suite default --steps 2 --json bench/results.json --markdown bench/results.md --plot bench/results.png
 	$(PY) -m lla.bench.interleaved --rounds 8 --json bench/interleaved.json --markdown bench/interleaved.md
