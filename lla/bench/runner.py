@@ -120,16 +120,13 @@ def build_model(cfg: BenchConfig):
     return model, dm
 
 
-def make_batch(dm, batch_size: int, image_size: int, num_classes: int, device: torch.device,
-               channels_last: bool, seed: int = 0):
+def make_batch(dm, batch_size: int, image_size: int, num_classes: int, device: torch.device, seed: int = 0):
     """A normalised random batch whose de-normalised image lies in [0, 1] (InfoPro's BCE target)."""
     g = torch.Generator().manual_seed(seed)
     x01 = torch.rand(batch_size, 3, image_size, image_size, generator=g)
     mean = torch.tensor(dm.mean).view(1, 3, 1, 1)
     std = torch.tensor(dm.std).view(1, 3, 1, 1)
     x = ((x01 - mean) / std).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
     return x, y
 
@@ -269,9 +266,9 @@ def run_config(cfg: BenchConfig, steps: int = 3, warmup: int = 1, device: str | 
     _quiet()
     L.seed_everything(seed, verbose=False)
     model, dm = build_model(cfg)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    batch = make_batch(dm, cfg.batch_size, cfg.image_size, model.num_classes, dev, cfg.channels_last, seed)
+    if cfg.channels_last:  # the training option's own path: NHWC weights, batches converted on transfer
+        model.use_channels_last()
+    batch = make_batch(dm, cfg.batch_size, cfg.image_size, model.num_classes, dev, seed)
     total = warmup + steps + 1
     loader = DataLoader(_Repeat(batch, total), batch_size=None, shuffle=False)
     probe = Probe()
