@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.lla-installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint clean docs
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: install
 		--json bench/interleaved_lean.json --markdown bench/interleaved_lean.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --channels-last --json bench/interleaved_cl.json \
 		--markdown bench/interleaved_cl.md
+
+# The documentation site (mkdocs + Material + mkdocstrings) into site/; --strict fails on a broken link or page.
+docs: install
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: install
 	$(VENV)/bin/ruff check lla tests run.py
