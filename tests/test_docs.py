@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -214,6 +215,41 @@ def test_add_a_backbone_example_trains_through_the_engine(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------ the site
+POINTER = re.compile(r"docs/[\w/.-]+?\.md(?:#[\w-]+)?")
+SKIP_DIRS = {".git", ".venv", "site", "outputs", "multirun", "data", "wandb", "lightning_logs", "__pycache__"}
+
+
+def page_anchors(page: Path) -> set[str]:
+    """Explicit ``{#id}`` anchors and mkdocs' default heading slugs of one docs page."""
+    ids = set()
+    for line in page.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"#+\s+(.*?)\s*(?:\{#([\w-]+)\})?\s*$", line)
+        if m:
+            ids.add(m[2] or re.sub(r"\s+", "-", re.sub(r"[^\w\s-]", "", m[1].lower()).strip()))
+    return ids
+
+
+def test_docs_pointers_in_code_and_configs_resolve():
+    """Every ``docs/<page>.md#<anchor>`` that code, tests, configs or the README cite names a page and an anchor that
+    exist, so a renamed heading cannot leave a dangling citation behind."""
+    checked, broken = 0, []
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT)
+        if set(rel.parts) & SKIP_DIRS or not path.is_file() or path.suffix not in {".py", ".yaml", ".md", ".toml", ""}:
+            continue
+        if rel.parts[0] == "docs" and path.suffix == ".md":
+            continue  # the pages themselves: mkdocs --strict checks their links
+        for pointer in POINTER.findall(path.read_text(encoding="utf-8", errors="replace")):
+            page, _, anchor = pointer.partition("#")
+            checked += 1
+            if not (ROOT / page).is_file():
+                broken.append(f"{rel}: {pointer} (no such page)")
+            elif anchor and anchor not in page_anchors(ROOT / page):
+                broken.append(f"{rel}: {pointer} (no such anchor)")
+    assert checked > 0
+    assert not broken, "\n".join(broken)
+
+
 def test_mkdocs_build_strict(tmp_path):
     """Every page in the nav exists, every link and anchor resolves, every snippet file exists, the API pages
     render: `mkdocs build --strict` turns each of these into a failure."""
