@@ -37,6 +37,7 @@ from lla.aux.infopro import (
 )
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.methods.modes import resolve_mode
 from lla.splits import Split, resolve_split
 
 WEIGHT_KEYS = ("ixx_1", "ixy_1", "ixx_2", "ixy_2")
@@ -44,7 +45,10 @@ DEFAULT_WEIGHTS = {"cifar": (5.0, 0.05, 0.2, 0.5), "imagenet": (5.0, 0.75, 5.0, 
 DEFAULT_LOSS = {"cifar": "contrast", "imagenet": "ce"}  # comand.sh (CIFAR family) vs ImageNet README
 SCHEDULES = ("module_index", "stage_index")
 BALANCED = ("cifar10", "stl10")
-REFERENCE_MODE: dict = {}  # method.mode=reference: comand.sh is what the defaults already run (see conf/method)
+PAPER_MODE: dict = {}
+# Nothing to switch: the defaults already run comand.sh's heads, loss, weights and schedule; the differences listed
+# above (class count from the data, x01 source, unused aux nets) change no result and are not switchable.
+REFERENCE_MODE: dict = {}
 
 log = logging.getLogger("lla")
 
@@ -52,11 +56,12 @@ log = logging.getLogger("lla")
 class InfoPro(LocalLearner):
     split_family = "infopro"
 
-    def __init__(self, backbone: nn.Module, k: int = 1, *, head: str = "1c2f", loss: str = "auto",
+    def __init__(self, backbone: nn.Module, k: int = 1, *, mode: str = "paper", head: str = "1c2f", loss: str = "auto",
                  preset: str | None = None, paper_weights: Mapping | None = None, ixx_1: float | None = None, ixy_1: float | None = None,
                  ixx_2: float | None = None, ixy_2: float | None = None, widen: int = 1, feature_dim: int = 128,
                  balanced_memory: str | None = None, lambda_schedule: str = "module_index",
                  variant: str = "auto", **kwargs):
+        self.mode, self.switches = mode, resolve_mode(mode, {}, PAPER_MODE, REFERENCE_MODE)
         self.variant = _resolve_variant(variant, backbone)
         explicit = dict(zip(WEIGHT_KEYS, (ixx_1, ixy_1, ixx_2, ixy_2)))
         if preset == "auto" and all(v is not None for v in explicit.values()):
