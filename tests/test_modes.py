@@ -79,7 +79,7 @@ def test_paper_mode_keeps_the_defaults(method, overrides, config, before, monkey
 
 def test_the_reference_tables_are_the_official_scripts(monkeypatch):
     man = built("man", ["dataset=cifar10", "backbone=resnet32", "k=16", "method.mode=reference"], monkeypatch)
-    assert man.init_from_target is False  # §9.3: copies re-drawn by the init loop
+    assert man.init_from_target is False  # the copies are re-drawn by the init loop
     cifar = built("mlaan", ["dataset=cifar10", "backbone=resnet32", "k=8", "method.mode=reference"], monkeypatch)
     assert (cifar.update_all_ema, cifar.early_losses, cifar.final_x_loss, cifar.head_kind) == \
         (False, False, False, "linear")  # resnetMLAAN.py

@@ -40,7 +40,7 @@ SCHEDULES = ("stage_index", "module_index")
 DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (§5.2c)
 PAPER_MODE = {"init_from_target": True, "lambda_schedule": "stage_index", "learnable_scale": False}
 # The MAN repository (CIFAR train.py and ImageNet imagenet_DDP.py alike): copies re-drawn by the global init loop
-# (§9.3), r = stage(B_next)/(K-2) (§9.2), no MAN++ scale.
+# (not copied from B_next), r = stage(B_next)/(K-2), no MAN++ scale.
 REFERENCE_MODE = {"init_from_target": False, "lambda_schedule": "stage_index", "learnable_scale": False}
 
 

@@ -53,7 +53,7 @@ LAM_HEADS = ("linear", "rule")
 MODE_SWITCHES = ("cascade_span", "update_all_ema", "early_losses", "final_x_loss", "lam_init_from_primary", "head")
 PAPER_MODE = {"cascade_span": 2, "update_all_ema": True, "early_losses": True, "final_x_loss": True,
               "lam_init_from_primary": True}  # head: null = DEFAULT_HEADS
-# The official scripts, per configuration (lla.methods.modes.configuration; §5.6, §9.5). A switch a script's
+# The official scripts, per configuration (lla.methods.modes.configuration). A switch a script's
 # behaviour is not known for keeps its paper value.
 REFERENCE_MODE = {
     "cifar/dgl": {"cascade_span": 2, "update_all_ema": False, "early_losses": False, "final_x_loss": False,
