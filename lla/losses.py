@@ -21,12 +21,13 @@ def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: f
         l_i = -(T / T_base) * mean_{p in P(i)} [ s_ip / T - log sum_{a != i} exp(s_ia / T) ]
 
     with s the cosine similarity. Self-pairs are masked out of both sums; an anchor with no positive contributes 0
-    but still counts in the mean over all N anchors (as the reference divides by N). Computed in float32.
+    but still counts in the mean over all N anchors (as the reference divides by N). Computed in
+    ``torch.promote_types(features.dtype, float32)``: reduced precision goes up to float32, float64 stays float64.
     """
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"expected features (N, F) and labels (N,), got {tuple(features.shape)} and "
                          f"{tuple(labels.shape)}")
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
     self_pair = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
     logits = (z @ z.T / temperature).masked_fill(self_pair, _MASKED)
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)

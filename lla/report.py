@@ -29,7 +29,7 @@ from typing import Any
 #: config keys that never make two runs different settings (paths, logging, the seed that the mean runs over)
 IGNORED_KEYS = re.compile(
     r"^(seed|label|mode|ckpt_path|run_dir|resume|nan_check_every|progress_every|optim\.fused|checkpoint\..*|"
-    r"logger\..*|measure\..*|"
+    r"logger\..*|measure\..*|published|"
     r"dataset\.(seed|root|download|num_workers|pin_memory|"
     r"persistent_workers|verify_md5|eval_batch_size)|trainer\.(enable_progress_bar|log_every_n_steps|"
     r"enable_model_summary|default_root_dir)|k_sweep\..*|auglocal_readme_depth\..*)$"
@@ -508,10 +508,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--columns", choices=("auto", "dataset", "k", "both"), default="auto",
                     help="table columns: datasets, K, or dataset x K (auto picks from the data)")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a finished row is > --margin below the paper")
+    ap.add_argument("--margin", type=float, default=1.0, help="accuracy points --check allows below the paper")
     args = ap.parse_args(argv)
     result = report(args.dirs, args.out, args.metric, args.error, args.columns, not args.no_plots)
     print(result["markdown"])
     print(f"lla-report: {result['runs']} runs -> " + ", ".join(str(f) for f in result["files"]))
+    from lla.paper import report_and_check  # the papers' numbers beside ours
+
+    if report_and_check(load_runs(args.dirs), metric=args.metric, error=args.error, check=args.check,
+                        margin=args.margin, out=args.out):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,16 @@ def test_single_runs_are_unaffected_and_the_dataset_recipe_wins():
     assert compose_job(["dataset=digits", "method=man"]).trainer.max_epochs == 15
 
 
+def test_imagenet_runs_get_their_methods_imagenet_epochs_without_an_experiment():
+    epochs = {m: compose_job(["dataset=imagenet", f"method={m}"]).trainer.max_epochs
+              for m in ("auglocal", "mlaan", "man", "infopro", "dgl", "e2e")}
+    assert epochs == {"auglocal": 200, "mlaan": 150, "man": 90, "infopro": 90, "dgl": 90, "e2e": 90}
+    ddp = compose_job(["dataset=imagenet", "method=auglocal", "+recipe=imagenet_ddp8"])
+    assert (ddp.trainer.max_epochs, ddp.optim.lr, ddp.trainer.devices) == (200, 0.4, 8)  # the recipe keeps them
+    assert compose_job(["dataset=imagenet", "method=mlaan", "trainer.max_epochs=7"]).trainer.max_epochs == 7
+    assert compose_job(["dataset=cifar10", "method=mlaan"]).trainer.max_epochs == 400
+
+
 # ---------------------------------------------------------------------------------------------------- sweeps
 def test_ema_momentum_sweep_expands_to_five_jobs():
     jobs = expand(["method=man", "dataset=synthetic", "sweep=ema_momentum"])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -343,3 +344,65 @@ def test_trains_on_a_small_learnable_synthetic_problem_and_its_loss_falls(loss):
     assert mean(final[-5:]) < 0.7 * mean(final[:5]), final
     # the InfoPro loss itself (BCE + L_y on module 0) falls too, not just the last module's CE
     assert mean(local[-5:]) < 0.8 * mean(local[:5]), local
+
+
+# ------------------------------------------------------------------ published weights picked by (dataset, backbone, K)
+def _composed_infopro(overrides, monkeypatch):
+    """(composed config, InfoPro) of ``python run.py method=infopro <overrides>``, built on the meta device."""
+    from hydra import compose, initialize_config_dir
+
+    from lla.cli import CONF_DIR, build
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=infopro", *overrides])
+    monkeypatch.setattr(InfoPro, "build_aux", lambda self, k: nn.Identity())
+    with torch.device("meta"):
+        return cfg, build(cfg)[1]
+
+
+def test_bare_infopro_takes_the_published_weights_of_its_dataset_backbone_and_k(monkeypatch, caplog):
+    run = ["dataset=stl10", "backbone=resnet110", "k=16"]
+    with caplog.at_level("INFO", logger="lla"):
+        cfg, model = _composed_infopro(run, monkeypatch)
+    shown = OmegaConf.to_container(cfg.method.paper_weights)["k16"]  # what `--cfg job` prints
+    assert shown == {"preset": "stl10_resnet110_k16", "ixx_1": 20, "ixy_1": 0.5, "ixx_2": 10, "ixy_2": 0.1}
+    assert model.weights == (20.0, 0.5, 10.0, 0.1) and model.preset == "stl10_resnet110_k16"
+    assert not [r for r in caplog.records if "generic default" in r.getMessage()]
+    # an explicit weight wins over the table, per weight; an explicit preset wins over the auto row
+    assert _composed_infopro([*run, "method.ixx_1=3"], monkeypatch)[1].weights == (3.0, 0.5, 10.0, 0.1)
+    named = _composed_infopro([*run, "method.preset=cifar10_resnet110_k16"], monkeypatch)[1]
+    assert named.weights == (5.0, 0.0, 0.5, 1.0) and named.preset == "cifar10_resnet110_k16"
+    assert _composed_infopro([*run, "method.preset=null"], monkeypatch)[1].weights == (5.0, 0.05, 0.2, 0.5)
+    # other datasets get their own rows
+    assert _composed_infopro(["dataset=svhn", "backbone=resnet110", "k=8"], monkeypatch)[1].weights == (5, 0, 0.5, 2)
+    assert _composed_infopro(["dataset=cifar10", "backbone=resnet32", "k=4"], monkeypatch)[1].weights == (6, 0, 1, 2)
+
+
+@pytest.mark.parametrize("run", [["dataset=stl10", "backbone=resnet110", "k=6"], ["dataset=digits", "k=4"]])
+def test_without_a_published_row_the_default_applies_with_one_log_line(run, monkeypatch, caplog):
+    with caplog.at_level("INFO", logger="lla"):
+        _, model = _composed_infopro(run, monkeypatch)
+    assert model.weights == (5.0, 0.05, 0.2, 0.5) and model.preset is None
+    assert len([r for r in caplog.records if "generic default" in r.getMessage()]) == 1
+
+
+def test_paper_weights_tables_are_the_named_preset_rows():
+    from pathlib import Path
+
+    from lla.cli import CONF_DIR
+
+    files = sorted((Path(CONF_DIR) / "paper_weights").glob("infopro_*.yaml"))
+    rows = load_presets()
+    plain = {n for n in rows if not n.startswith("auglocal_") and "_star_" not in n}
+    seen = set()
+    for path in files:
+        dataset, backbone = path.stem.removeprefix("infopro_").split("_", 1)
+        table = OmegaConf.to_container(OmegaConf.load(path))["paper_weights"]
+        for key, entry in table.items():
+            row = rows[entry["preset"]]
+            assert (row["backbone"], f"k{row['k']}") == (backbone, key)
+            assert entry["preset"].startswith(f"{dataset}_{backbone}_k")
+            assert {w: entry[w] for w in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")} == \
+                   {w: row[w] for w in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")}
+            seen.add(entry["preset"])
+    assert seen == plain  # every published (dataset, backbone, K) row is picked automatically

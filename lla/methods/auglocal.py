@@ -22,15 +22,22 @@ from torch import Tensor, nn
 from lla.aux.auglocal import VARIANTS, auglocal_aux, default_variant, pyramid_depths
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.methods.modes import resolve_mode
 from lla.splits import Split, resolve_split
+
+PAPER_MODE: dict = {}
+# Nothing to switch: pyramid and k_minus_d (null = auto) already follow the CIFAR / ImageNet scripts; the two fixes
+# above (un-widened stride counter, K_eff = 2) only differ where the reference fails or widen != 1.
+REFERENCE_MODE: dict = {}
 
 
 class AugLocal(LocalLearner):
     split_family = "auglocal"
 
-    def __init__(self, backbone: nn.Module, *args, depth: int = 2, pyramid: bool | None = None,
+    def __init__(self, backbone: nn.Module, *args, mode: str = "paper", depth: int = 2, pyramid: bool | None = None,
                  pyramid_coeff: float = 0.5, k_minus_d: bool | None = None, widen: float = 1.0,
                  variant: str = "auto", **kwargs):
+        self.mode, self.switches = mode, resolve_mode(mode, {}, PAPER_MODE, REFERENCE_MODE)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ConfigError("method.depth", f"aux-net depth must be a whole number, got {depth!r}", "0, 1, 2, ...")
         for key, value in (("pyramid", pyramid), ("k_minus_d", k_minus_d)):

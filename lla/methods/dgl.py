@@ -13,12 +13,17 @@ from lla.aux.dgl import DGL_HEADS
 from lla.aux.rules import DGLRule
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.methods.modes import resolve_mode
+
+PAPER_MODE: dict = {}
+REFERENCE_MODE: dict = {}  # head=official already is eugenium/DGL's; other papers' DGL heads are rows, not modes
 
 
 class DGL(LocalLearner):
     split_family = "infopro"  # DGL rows use InfoPro's split tables (§5.2)
 
-    def __init__(self, *args, head: str = "official", feature_dim: int = 128, **kwargs):
+    def __init__(self, *args, mode: str = "paper", head: str = "official", feature_dim: int = 128, **kwargs):
+        self.mode, self.switches = mode, resolve_mode(mode, {}, PAPER_MODE, REFERENCE_MODE)
         if head not in DGL_HEADS:
             raise ConfigError("method.head", f"unknown DGL head {head!r}", ", ".join(DGL_HEADS))
         self.head_kind, self.feature_dim = head, feature_dim

@@ -11,14 +11,19 @@ reference's 100-way typo, §9.10), x01 comes from the data module instead of CUD
 only the aux nets that are used exist (§9.7).
 
 Loss weights: the §5.3 per-(dataset, net, K) table is data (``lla/aux/infopro_presets.yaml``), picked by
-``preset``. Precedence per weight: explicit option > preset row > default, where the default is CIFAR-10 R32 K=16
-(5, 0.05, 0.2, 0.5) on CIFAR-style nets and the ImageNet README's 5 / 0.75 on ImageNet ResNets. ``loss=auto`` is
+``preset``. ``preset="auto"`` (the YAML default) takes the row for the run's K from ``paper_weights``, the table
+conf/paper_weights/infopro_<dataset>_<backbone>.yaml puts into the composed config, and logs one line when there is
+none. Precedence per weight: explicit option > named preset row > auto row > default, where the default is
+CIFAR-10 R32 K=16 (5, 0.05, 0.2, 0.5) on CIFAR-style nets and the ImageNet README's 5 / 0.75 on ImageNet ResNets. ``loss=auto`` is
 the preset's loss, else ``contrast`` (comand.sh) on CIFAR-style nets and ``ce`` (ImageNet README) on ImageNet.
 ``lambda_schedule=stage_index`` swaps in MAN's r = stage(B_next)/(K-2) (§5.5.7) for ablations, with K the real
 module count; weights that go negative there (K = 3, 4) are used as they come, as MAN ran them.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 
@@ -32,6 +37,7 @@ from lla.aux.infopro import (
 )
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.methods.modes import resolve_mode
 from lla.splits import Split, resolve_split
 
 WEIGHT_KEYS = ("ixx_1", "ixy_1", "ixx_2", "ixy_2")
@@ -39,23 +45,35 @@ DEFAULT_WEIGHTS = {"cifar": (5.0, 0.05, 0.2, 0.5), "imagenet": (5.0, 0.75, 5.0, 
 DEFAULT_LOSS = {"cifar": "contrast", "imagenet": "ce"}  # comand.sh (CIFAR family) vs ImageNet README
 SCHEDULES = ("module_index", "stage_index")
 BALANCED = ("cifar10", "stl10")
+PAPER_MODE: dict = {}
+# Nothing to switch: the defaults already run comand.sh's heads, loss, weights and schedule; the differences listed
+# above (class count from the data, x01 source, unused aux nets) change no result and are not switchable.
+REFERENCE_MODE: dict = {}
+
+log = logging.getLogger("lla")
 
 
 class InfoPro(LocalLearner):
     split_family = "infopro"
 
-    def __init__(self, backbone: nn.Module, k: int = 1, *, head: str = "1c2f", loss: str = "auto",
-                 preset: str | None = None, ixx_1: float | None = None, ixy_1: float | None = None,
+    def __init__(self, backbone: nn.Module, k: int = 1, *, mode: str = "paper", head: str = "1c2f", loss: str = "auto",
+                 preset: str | None = None, paper_weights: Mapping | None = None, ixx_1: float | None = None, ixy_1: float | None = None,
                  ixx_2: float | None = None, ixy_2: float | None = None, widen: int = 1, feature_dim: int = 128,
                  balanced_memory: str | None = None, lambda_schedule: str = "module_index",
                  variant: str = "auto", **kwargs):
+        self.mode, self.switches = mode, resolve_mode(mode, {}, PAPER_MODE, REFERENCE_MODE)
         self.variant = _resolve_variant(variant, backbone)
-        row = _preset_row(preset, backbone.name, int(k))
+        explicit = dict(zip(WEIGHT_KEYS, (ixx_1, ixy_1, ixx_2, ixy_2)))
+        if preset == "auto" and all(v is not None for v in explicit.values()):
+            preset, row = None, {}  # every weight given: no table applies
+        elif preset == "auto":
+            preset, row = _auto_row(paper_weights, backbone.name, int(k), DEFAULT_WEIGHTS[self.variant])
+        else:
+            row = _preset_row(preset, backbone.name, int(k))
         self.preset = preset
         self.loss_kind = _agree("loss", None if loss == "auto" else loss, row.get("loss"), preset,
                                 DEFAULT_LOSS[self.variant])
         self.balanced_memory = _agree("balanced_memory", balanced_memory, row.get("balanced_memory"), preset, None)
-        explicit = dict(zip(WEIGHT_KEYS, (ixx_1, ixy_1, ixx_2, ixy_2)))
         self.weights = tuple(
             float(explicit[key] if explicit[key] is not None else row.get(key, default))
             for key, default in zip(WEIGHT_KEYS, DEFAULT_WEIGHTS[self.variant])
@@ -121,6 +139,20 @@ def _preset_row(preset: str | None, backbone: str, k: int) -> dict:
         raise ConfigError("method.preset", f"{preset} holds the weights for {row['backbone']} K={row['k']}, but "
                           f"this run is {backbone} K={k}", allowed)
     return row
+
+
+def _auto_row(paper_weights: Mapping | None, backbone: str, k: int, default: tuple) -> tuple[str | None, dict]:
+    """(row name, weights) of the published row for this K, or (None, {}) and one log line when there is none."""
+    entry = dict((paper_weights or {}).get(f"k{k}") or {})
+    if not entry:
+        log.info("lla: infopro: no published loss weights for this dataset with %s K=%d; using the generic default "
+                 "ixx_1/ixy_1/ixx_2/ixy_2 = %s", backbone, k, "/".join(f"{w:g}" for w in default))
+        return None, {}
+    name = entry.pop("preset", None)
+    unknown = set(entry) - set(WEIGHT_KEYS)
+    if unknown:
+        raise ConfigError("method.paper_weights", f"k{k} has keys {sorted(unknown)}", "preset, " + ", ".join(WEIGHT_KEYS))
+    return name, entry
 
 
 def _agree(key: str, explicit, from_preset, preset: str | None, default):

@@ -11,7 +11,10 @@ steps, so it reads B_next's weights from the end of the previous iteration (§4,
 stats not averaged; the stage-index lambda schedule ``r = lo/(K-2)`` with the nominal K (§5.5.7, §9.2).
 Switchable where the reference looks unintended (§9.3, §11.2-§11.4):
 
-* ``init_from_target`` (default true): LB/EMA start equal to B_next. False reproduces the reference, whose global
+``mode`` (lla.methods.modes): ``paper`` (default) takes ``PAPER_MODE`` for the switches left null, ``reference`` takes
+``REFERENCE_MODE``, the official train.py / imagenet_DDP.py behaviour; an explicit switch wins over either.
+
+* ``init_from_target`` (paper true): LB/EMA start equal to B_next. False reproduces the reference, whose global
   init loop re-draws both copies (independently) after the deepcopy: here a fresh ``backbone.make_block``.
 * ``lambda_schedule``: ``stage_index`` (MAN reproduction) or ``module_index`` (InfoPro's own schedule).
 * ``learnable_scale``: MAN++'s ``y = s*LB(h) + (2-s)*EMA(h)`` with a learnable scalar s per module, init 1.
@@ -30,10 +33,15 @@ from lla.aux.rules import BASES, LocalRule, make_rule
 from lla.ema import check_momentum, ema_update, make_ema_copy
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.methods.modes import resolve_mode
 from lla.recompute import run_segment
 
 SCHEDULES = ("stage_index", "module_index")
 DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (§5.2c)
+PAPER_MODE = {"init_from_target": True, "lambda_schedule": "stage_index", "learnable_scale": False}
+# The MAN repository (CIFAR train.py and ImageNet imagenet_DDP.py alike): copies re-drawn by the global init loop
+# (not copied from B_next), r = stage(B_next)/(K-2), no MAN++ scale.
+REFERENCE_MODE = {"init_from_target": False, "lambda_schedule": "stage_index", "learnable_scale": False}
 
 
 class MomentumAux(nn.Module):
@@ -67,10 +75,15 @@ class MAN(LocalLearner):
 
     split_family = "man"  # MAN's K labels: R32 "16" = 15 modules, R110 "55" = 54 (§3, §9.1)
 
-    def __init__(self, *args, base: str = "infopro", ema_momentum: float = 0.995, init_from_target: bool = True,
-                 lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float | None = None,
+    def __init__(self, *args, base: str = "infopro", ema_momentum: float = 0.995, mode: str = "paper",
+                 init_from_target: bool | None = None, lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float | None = None,
                  ixx_2: float = 0.0, ixy_2: float = 0.0, head: str | None = None, loss: str = "ce",
                  feature_dim: int = 128, widen: int = 1, learnable_scale: bool = False, **kwargs):
+        self.mode = mode
+        self.switches = resolve_mode(mode, {"init_from_target": init_from_target, "lambda_schedule": lambda_schedule,
+                                            "learnable_scale": learnable_scale}, PAPER_MODE, REFERENCE_MODE)
+        init_from_target, lambda_schedule, learnable_scale = (
+            self.switches[key] for key in ("init_from_target", "lambda_schedule", "learnable_scale"))
         if base not in BASES:
             raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))
         if lambda_schedule not in SCHEDULES:
@@ -167,6 +180,6 @@ class MAN(LocalLearner):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update(base=self.base, ema_momentum=self.ema_momentum, init_from_target=self.init_from_target,
-                   lambda_schedule=self.lambda_schedule, lambdas=[list(w) for w in self.lambdas])
+        out.update(base=self.base, mode=self.mode, ema_momentum=self.ema_momentum, init_from_target=self.init_from_target,
+                   lambda_schedule=self.lambda_schedule, learnable_scale=self.learnable_scale, lambdas=[list(w) for w in self.lambdas])
         return out

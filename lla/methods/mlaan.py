@@ -27,6 +27,10 @@ Deliberate defaults for the paper's intent, each switchable back to a reference 
 * ``final_x_loss`` (true): final loss ``wx*CE(x) + wy*CE(y)`` (ImageNet code); false = CIFAR code, whose CE(x) is
   overwritten, leaving ``CE(y)`` with weight 1.
 * ``lam_init_from_primary`` (true): LAM copies start equal to the primary (CIFAR); false = fresh init (ImageNet).
+
+``mode=reference`` (lla.methods.modes) sets all of these at once to what the official script of the configuration
+does (``REFERENCE_MODE``: resnetMLAAN.py for CIFAR-style nets with base dgl, resnetInfoProbin.py with base infopro,
+ImageNet resnet34.py / resnet101.py); an explicit switch still wins.
 """
 
 from __future__ import annotations
@@ -41,10 +45,23 @@ from lla.aux.rules import BASES, LocalRule, make_rule
 from lla.ema import check_momentum, ema_update
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
+from lla.methods.modes import configuration, resolve_mode
 
 SCHEDULES = ("stage_index", "module_index")
 DEFAULT_HEADS = {"dgl": "man", "infopro": "1c2f"}  # auxDGL (resnetDGLbin.py); run32-cifar10.txt passes 1c2f
 LAM_HEADS = ("linear", "rule")
+MODE_SWITCHES = ("cascade_span", "update_all_ema", "early_losses", "final_x_loss", "lam_init_from_primary", "head")
+PAPER_MODE = {"cascade_span": 2, "update_all_ema": True, "early_losses": True, "final_x_loss": True,
+              "lam_init_from_primary": True}  # head: null = DEFAULT_HEADS
+# The official scripts, per configuration (lla.methods.modes.configuration). A switch a script's
+# behaviour is not known for keeps its paper value.
+REFERENCE_MODE = {
+    "cifar/dgl": {"cascade_span": 2, "update_all_ema": False, "early_losses": False, "final_x_loss": False,
+                  "lam_init_from_primary": True, "head": "linear"},  # resnetMLAAN.py, the model train.py builds
+    "cifar/infopro": {"cascade_span": 3, "update_all_ema": False, "early_losses": False},  # resnetInfoProbin.py
+    "imagenet": {"cascade_span": 3, "update_all_ema": True, "early_losses": False, "final_x_loss": True,
+                 "lam_init_from_primary": False},  # ImageNet resnet34.py / resnet101.py
+}
 
 
 class MLAANAux(nn.Module):
@@ -61,12 +78,20 @@ class MLAAN(LocalLearner):
 
     split_family = "mlaan"  # R32 "16" -> 15 modules, R110 "55" -> 54 (§3, §9.1)
 
-    def __init__(self, *args, base: str = "dgl", cascade_span: int = 2, wx: float = 0.001, wy: float = 0.999,
-                 ema_momentum: float = 0.995, update_all_ema: bool = True, lam_init_from_primary: bool = True,
-                 lam_depth: int = DEFAULT_DEPTH, lam_head: str | None = None, early_losses: bool = True,
-                 final_x_loss: bool = True, head: str | None = None, loss: str = "ce", feature_dim: int = 128,
-                 widen: int = 1, lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float = 0.5,
-                 ixx_2: float = 0.0, ixy_2: float = 0.0, **kwargs):
+    def __init__(self, *args, base: str = "dgl", mode: str = "paper", cascade_span: int | None = None,
+                 wx: float = 0.001, wy: float = 0.999, ema_momentum: float = 0.995, update_all_ema: bool | None = None,
+                 lam_init_from_primary: bool | None = None, lam_depth: int = DEFAULT_DEPTH,
+                 lam_head: str | None = None, early_losses: bool | None = None, final_x_loss: bool | None = None,
+                 head: str | None = None, loss: str = "ce", feature_dim: int = 128, widen: int = 1,
+                 lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float = 0.5, ixx_2: float = 0.0,
+                 ixy_2: float = 0.0, **kwargs):
+        backbone = args[0] if args else kwargs.get("backbone")
+        given = {"cascade_span": cascade_span, "update_all_ema": update_all_ema, "early_losses": early_losses,
+                 "final_x_loss": final_x_loss, "lam_init_from_primary": lam_init_from_primary, "head": head}
+        self.mode = mode
+        self.switches = resolve_mode(mode, given, PAPER_MODE, REFERENCE_MODE, configuration(backbone, base))
+        cascade_span, update_all_ema, early_losses, final_x_loss, lam_init_from_primary, head = (
+            self.switches[key] for key in MODE_SWITCHES)
         if base not in BASES:
             raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))
         for key, value, lo in (("cascade_span", cascade_span, 1), ("lam_depth", lam_depth, 1)):
@@ -228,8 +253,9 @@ class MLAAN(LocalLearner):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update(base=self.base, cascade_span=self.cascade_span, wx=self.wx, wy=self.wy,
+        out.update(base=self.base, mode=self.mode, cascade_span=self.cascade_span, wx=self.wx, wy=self.wy,
                    ema_momentum=self.ema_momentum, update_all_ema=self.update_all_ema,
-                   early_losses=self.early_losses, final_x_loss=self.final_x_loss, lam_source=self.lam_source,
+                   early_losses=self.early_losses, final_x_loss=self.final_x_loss,
+                   lam_init_from_primary=self.lam_init_from_primary, head=self.head_kind, lam_source=self.lam_source,
                    lam_layers=self.lam_layers, lambdas={k: list(v) for k, v in self.lambdas.items()})
         return out

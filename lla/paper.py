@@ -1,0 +1,194 @@
+"""The papers' published numbers beside ours: ``lla-report`` prints them, ``lla-report --check`` tests them.
+
+Each experiment (``experiments/<name>.yaml``) carries a ``published`` list, one entry per table row whose value is
+known::
+
+    published:
+      - {label: InfoPro*, backbone: resnet101, dataset: imagenet, k: 2, top1_error: 21.85, top5_error: 5.89,
+         memory_gb: 12.06, source: "...", memory_source: "...", unverified: true}
+
+``label`` is the row label the run records (conf/row sets it); ``k: null`` matches every K (E2E has none). A value
+is ``accuracy`` or ``top1_error`` (in %); ``unverified: true`` marks a row whose values were not read from the
+paper itself (a README, a summary of the paper).
+
+A report row is (label, backbone, dataset, K) over seeds. It is *finished* when at least one of its runs completed
+(results.json ``status: completed``); only completed runs count, and rows without one are listed as unfinished and
+never fail ``--check``. ``--check`` fails (exit 1) when a finished row's mean accuracy is more than ``margin``
+points below the paper's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@dataclass(frozen=True)
+class Published:
+    """One published table row."""
+
+    experiment: str
+    label: str
+    backbone: str
+    dataset: str
+    k: int | None
+    accuracy: float | None  # top-1 test accuracy, %
+    memory_gb: float | None
+    source: str
+    unverified: bool
+
+    def matches(self, label: str, backbone: str, dataset: str, k: int) -> bool:
+        return (self.label, self.backbone, self.dataset) == (label, backbone, dataset) and self.k in (None, k)
+
+
+@dataclass
+class Comparison:
+    """One report row beside its published value."""
+
+    label: str
+    backbone: str
+    dataset: str
+    k: int
+    ours: list[float]  # accuracy (%) of each completed run
+    published: Published | None
+    unfinished: int  # runs of this row that did not complete
+
+    @property
+    def n(self) -> int:
+        return len(self.ours)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.ours)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.ours) if self.ours else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.ours) if len(self.ours) > 1 else None
+
+    @property
+    def diff(self) -> float | None:
+        """Ours minus the paper's, in accuracy points (negative: below the paper)."""
+        if self.mean is None or self.published is None or self.published.accuracy is None:
+            return None
+        return self.mean - self.published.accuracy
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def _accuracy(entry: dict, where: str) -> float | None:
+    if entry.get("accuracy") is not None and entry.get("top1_error") is not None:
+        raise ValueError(f"{where}: give accuracy or top1_error, not both")
+    if entry.get("accuracy") is not None:
+        return float(entry["accuracy"])
+    return None if entry.get("top1_error") is None else 100.0 - float(entry["top1_error"])
+
+
+def load_published(root: str | Path | None = None) -> list[Published]:
+    """Every ``published`` entry of the experiments under ``root`` (a folder or one YAML file; default: the
+    repository's experiments/)."""
+    root = Path(EXPERIMENTS if root is None else root)
+    files = [root] if root.is_file() else sorted(root.glob("*.yaml"))
+    rows = []
+    for path in files:
+        for i, entry in enumerate((yaml.safe_load(path.read_text()) or {}).get("published") or []):
+            where = f"{path.name}: published[{i}]"
+            missing = {"label", "backbone", "dataset", "source"} - set(entry)
+            if missing:
+                raise ValueError(f"{where}: missing {sorted(missing)}")
+            rows.append(Published(
+                experiment=path.stem, label=str(entry["label"]), backbone=str(entry["backbone"]),
+                dataset=str(entry["dataset"]), k=None if entry.get("k") is None else int(entry["k"]),
+                accuracy=_accuracy(entry, where),
+                memory_gb=None if entry.get("memory_gb") is None else float(entry["memory_gb"]),
+                source=str(entry["source"]), unverified=bool(entry.get("unverified", False))))
+    return rows
+
+
+def _status(run: Any) -> str | None:
+    try:
+        return json.loads(Path(run.path).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- matching
+def compare(runs: Iterable[Any], published: Sequence[Published], metric: str = "best") -> list[Comparison]:
+    """Report rows (label, backbone, dataset, K; ``runs`` are ``lla.report.Run``) with their published values.
+
+    A run without a ``status`` (results.json from before it existed) counts as completed."""
+    groups: dict[tuple, list[Any]] = defaultdict(list)
+    for run in runs:
+        groups[(run.base_label, run.backbone, run.dataset, run.k)].append(run)
+    out = []
+    for (label, backbone, dataset, k), group in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        done = [r for r in group if _status(r) in (None, "completed") and r.acc(metric) is not None]
+        match = next((p for p in published if p.matches(label, backbone, dataset, k)), None)
+        out.append(Comparison(label, backbone, dataset, k, [100.0 * r.acc(metric) for r in done], match,
+                              len(group) - len(done)))
+    return out
+
+
+def failures(rows: Sequence[Comparison], margin: float) -> list[Comparison]:
+    """Finished rows more than ``margin`` accuracy points below their published value."""
+    return [r for r in rows if r.finished and r.diff is not None and r.diff < -margin]
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _num(x: float | None, error: bool) -> str:
+    return "" if x is None else f"{100.0 - x if error else x:.2f}"
+
+
+def markdown(rows: Sequence[Comparison], error: bool = False) -> str:
+    """One line per row: ours (mean ± std), paper, ours - paper, seeds; error rates when ``error``."""
+    what = "top-1 error" if error else "top-1 accuracy"
+    lines = [f"### Published results beside ours ({what}, %; diff = ours - paper)", "",
+             "| row | backbone | dataset | K | ours | paper | diff | seeds | paper source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours = _num(r.mean, error) + (f" ± {r.std:.2f}" if r.std is not None else "")
+        if not r.finished:
+            ours = "unfinished"
+        elif r.unfinished:
+            ours += f" (+{r.unfinished} unfinished)"
+        p = r.published
+        paper = "" if p is None or p.accuracy is None else _num(p.accuracy, error)
+        diff = "" if r.diff is None else f"{-r.diff if error else r.diff:+.2f}"
+        source = "" if p is None else p.source + (" (unverified)" if p.unverified else "")
+        lines.append(f"| {r.label} | {r.backbone} | {r.dataset} | {r.k} | {ours} | {paper} | {diff} | {r.n} | "
+                     f"{source} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_and_check(runs: Sequence[Any], *, metric: str = "best", error: bool = False, check: bool = False,
+                     margin: float = 1.0, out: str | Path | None = None,
+                     experiments: str | Path | None = None) -> int:
+    """Print every row beside its published value, if any (and write ``paper.md`` into ``out``); with ``check``,
+    return 1 when a finished row is more than ``margin`` points below the paper, else 0."""
+    rows = compare(runs, load_published(EXPERIMENTS if experiments is None else experiments), metric)
+    text = markdown(rows, error)
+    print(text)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "paper.md").write_text(text)
+    if not check:
+        return 0
+    bad = failures(rows, margin)
+    for r in bad:
+        print(f"lla-report --check: {r.label} {r.backbone} {r.dataset} K={r.k}: {r.mean:.2f} is {-r.diff:.2f} points "
+              f"below the paper's {r.published.accuracy:.2f} (margin {margin:g})")
+    finished = sum(r.finished and r.diff is not None for r in rows)
+    print(f"lla-report --check: {len(bad)} of {finished} finished rows with a published value fall more than "
+          f"{margin:g} points below it")
+    return 1 if bad else 0
