@@ -9,7 +9,11 @@ known::
 
 ``label`` is the row label the run records (conf/row sets it); ``k: null`` matches every K (E2E has none). A value
 is ``accuracy`` or ``top1_error`` (in %); ``unverified: true`` marks a row whose values were not read from the
-paper itself (a README, a summary of the paper).
+paper itself (a README, a summary of the paper). ``where`` (optional) names config values every run of the row must
+have, e.g. ``{trainer.max_epochs: 400}`` or ``{method.head: man}``: it tells apart two papers' numbers for the same
+(label, backbone, dataset, K), such as MAN's DGL baseline and InfoPro's. Without ``--paper`` every experiment's list
+is searched and the first entry that matches (experiments in file-name order) is shown; ``lla-report --paper
+man_cifar`` compares with that one experiment's list only.
 
 A report row is (label, backbone, dataset, K) over seeds. It is *finished* when at least one of its runs completed
 (results.json ``status: completed``); only completed runs count, and rows without one are listed as unfinished and
@@ -45,9 +49,15 @@ class Published:
     memory_gb: float | None
     source: str
     unverified: bool
+    where: tuple[tuple[str, Any], ...] = ()  # (flattened config key, value) pairs every run of the row must have
 
-    def matches(self, label: str, backbone: str, dataset: str, k: int) -> bool:
-        return (self.label, self.backbone, self.dataset) == (label, backbone, dataset) and self.k in (None, k)
+    def matches(self, label: str, backbone: str, dataset: str, k: int,
+                settings: Iterable[dict[str, Any]] = ()) -> bool:
+        """Same row (label, backbone, dataset, K) and, for each run's flattened config in ``settings``, the
+        ``where`` values."""
+        if (self.label, self.backbone, self.dataset) != (label, backbone, dataset) or self.k not in (None, k):
+            return False
+        return all(s.get(key) == value for s in settings for key, value in self.where)
 
 
 @dataclass
@@ -107,13 +117,30 @@ def load_published(root: str | Path | None = None) -> list[Published]:
             missing = {"label", "backbone", "dataset", "source"} - set(entry)
             if missing:
                 raise ValueError(f"{where}: missing {sorted(missing)}")
+            if not isinstance(entry.get("where") or {}, dict):
+                raise ValueError(f"{where}: where must map config keys to values")
             rows.append(Published(
                 experiment=path.stem, label=str(entry["label"]), backbone=str(entry["backbone"]),
                 dataset=str(entry["dataset"]), k=None if entry.get("k") is None else int(entry["k"]),
                 accuracy=_accuracy(entry, where),
                 memory_gb=None if entry.get("memory_gb") is None else float(entry["memory_gb"]),
-                source=str(entry["source"]), unverified=bool(entry.get("unverified", False))))
+                source=str(entry["source"]), unverified=bool(entry.get("unverified", False)),
+                where=tuple(sorted((entry.get("where") or {}).items()))))
     return rows
+
+
+def experiment_file(name: str) -> Path:
+    """``--paper NAME``: experiments/NAME.yaml, or NAME itself when it is a YAML file."""
+    path = Path(name)
+    if path.suffix == ".yaml" and path.is_file():
+        return path
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not path.is_file():
+        from lla.errors import ConfigError
+
+        raise ConfigError("--paper", f"no experiment {name!r}",
+                          ", ".join(sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))))
+    return path
 
 
 def _status(run: Any) -> str | None:
@@ -134,7 +161,8 @@ def compare(runs: Iterable[Any], published: Sequence[Published], metric: str = "
     out = []
     for (label, backbone, dataset, k), group in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         done = [r for r in group if _status(r) in (None, "completed") and r.acc(metric) is not None]
-        match = next((p for p in published if p.matches(label, backbone, dataset, k)), None)
+        settings = [getattr(r, "setting", None) or {} for r in group]
+        match = next((p for p in published if p.matches(label, backbone, dataset, k, settings)), None)
         out.append(Comparison(label, backbone, dataset, k, [100.0 * r.acc(metric) for r in done], match,
                               len(group) - len(done)))
     return out

@@ -20,6 +20,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -510,14 +511,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     ap.add_argument("--check", action="store_true", help="exit 1 if a finished row is > --margin below the paper")
     ap.add_argument("--margin", type=float, default=1.0, help="accuracy points --check allows below the paper")
+    ap.add_argument("--paper", metavar="EXPERIMENT",
+                    help="compare with this experiment's published list only (e.g. man_cifar; default: all)")
     args = ap.parse_args(argv)
+    from lla.paper import experiment_file, report_and_check  # the papers' numbers beside ours
+
+    try:
+        paper = None if args.paper is None else experiment_file(args.paper)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     result = report(args.dirs, args.out, args.metric, args.error, args.columns, not args.no_plots)
     print(result["markdown"])
     print(f"lla-report: {result['runs']} runs -> " + ", ".join(str(f) for f in result["files"]))
-    from lla.paper import report_and_check  # the papers' numbers beside ours
-
     if report_and_check(load_runs(args.dirs), metric=args.metric, error=args.error, check=args.check,
-                        margin=args.margin, out=args.out):
+                        margin=args.margin, out=args.out, experiments=paper):
         raise SystemExit(1)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lla.paper import compare, load_published, markdown
 from lla.report import load_runs, main
@@ -109,3 +110,75 @@ def test_every_experiment_carries_a_published_list_with_sources():
             assert p.unverified, p
     readme = {(p.backbone, round(100 - p.accuracy, 2)) for p in published if p.label == "InfoPro*"}
     assert readme == {("resnet101", 21.85), ("resnet152", 21.45), ("resnext101_32x8d", 20.35)}
+
+
+def two_papers(tmp_path):
+    """Two experiments that publish the same (label, backbone, dataset, K) with different values, told apart by
+    ``where``."""
+    exp = tmp_path / "exp2"
+    exp.mkdir()
+    (exp / "a.yaml").write_text("""published:
+  - {label: DGL, backbone: resnet32, dataset: cifar10, k: 16, top1_error: 14.0, where: {method.head: man},
+     source: "A, Table 1"}
+  - {label: E2E, backbone: resnet32, dataset: cifar10, k: null, top1_error: 6.0, where: {trainer.max_epochs: 400},
+     source: "A, Table 1"}
+""")
+    (exp / "b.yaml").write_text("""published:
+  - {label: DGL, backbone: resnet32, dataset: cifar10, k: 16, top1_error: 20.0, where: {method.head: official},
+     source: "B, Table 2"}
+  - {label: E2E, backbone: resnet32, dataset: cifar10, k: null, top1_error: 7.0, where: {trainer.max_epochs: 160},
+     source: "B, Table 2"}
+""")
+    return exp
+
+
+def test_where_picks_each_papers_row_by_the_runs_config(tmp_path):
+    exp = two_papers(tmp_path)
+    published = load_published(exp)
+    man, official, mixed = tmp_path / "man", tmp_path / "official", tmp_path / "mixed"
+    result(man, "dgl", method="dgl", label="DGL", k=16, acc=0.86, method_opts={"head": "man"})
+    result(man, "e2e", method="e2e", label="E2E", k=1, acc=0.94, epochs=400)
+    result(official, "dgl", method="dgl", label="DGL", k=16, acc=0.80, method_opts={"head": "official"})
+    result(official, "e2e", method="e2e", label="E2E", k=1, acc=0.93, epochs=160)
+    rows = {r.label: r for r in compare(load_runs([man]), published)}
+    assert rows["DGL"].published.source == "A, Table 1" and rows["DGL"].published.accuracy == 86.0
+    assert rows["E2E"].published.accuracy == 94.0
+    rows = {r.label: r for r in compare(load_runs([official]), published)}
+    assert rows["DGL"].published.source == "B, Table 2" and rows["DGL"].diff == pytest.approx(0.0)
+    assert rows["E2E"].published.accuracy == 93.0
+    # seeds of one row with different heads match neither paper's where
+    result(mixed, "m", method="dgl", label="DGL", k=16, acc=0.86, method_opts={"head": "man"})
+    result(mixed, "o", method="dgl", label="DGL", k=16, seed=1, acc=0.80, method_opts={"head": "official"})
+    assert compare(load_runs([mixed]), published)[0].published is None
+
+
+def test_paper_flag_compares_with_one_experiment_only(tmp_path, capsys):
+    exp = two_papers(tmp_path)
+    runs = tmp_path / "runs"
+    result(runs, "dgl", method="dgl", label="DGL", k=16, acc=0.86, method_opts={"head": "man"})
+    assert run_report(runs, exp, "--check") == 0
+    assert "| DGL | resnet32 | cifar10 | 16 | 86.00 | 86.00 | +0.00 | 1 | A, Table 1 |" in capsys.readouterr().out
+    assert run_report(runs, exp, "--paper", "b") == 0  # b publishes no row for MAN's head
+    assert "| DGL | resnet32 | cifar10 | 16 | 86.00 |  |  | 1 |  |" in capsys.readouterr().out
+    assert run_report(runs, exp, "--paper", str(exp / "a.yaml")) == 0
+    assert "| 86.00 | +0.00 | 1 | A, Table 1 |" in capsys.readouterr().out
+    assert run_report(runs, exp, "--paper", "nope") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --paper: no experiment 'nope'; allowed: a, b"
+
+
+def test_published_entries_name_real_rows_once():
+    """Every entry's label, backbone and dataset exist in conf/, no experiment lists a row twice, and a value
+    marked as read from the paper cites its arXiv id and table."""
+    labels = {yaml.safe_load(p.read_text()).get("label") for p in (ROOT / "conf" / "row").glob("*.yaml")}
+    backbones = {p.stem for p in (ROOT / "conf" / "backbone").glob("*.yaml")}
+    datasets = {p.stem for p in (ROOT / "conf" / "dataset").glob("*.yaml")}
+    seen = set()
+    for p in load_published(ROOT / "experiments"):
+        assert p.label in labels and p.backbone in backbones and p.dataset in datasets, p
+        key = (p.experiment, p.label, p.backbone, p.dataset, p.k, p.where)
+        assert key not in seen, p
+        seen.add(key)
+        assert all(k.split(".")[0] in {"method", "trainer", "dataset", "optim"} for k, _ in p.where), p
+        if not p.unverified:
+            assert "arXiv" in p.source and "Table" in p.source, p
