@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lla.bench.memory import SavedTensorMeter
+from lla.memory import SavedTensorMeter
 
 
 class StepTimer(L.Callback):

@@ -296,13 +296,14 @@ def cli_callbacks(tmp_path, every):
             LossProgressBar(refresh_rate=every)]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
-def test_at_most_one_host_read_per_progress_every_steps(tmp_path, monkeypatch, precision):
-    every, steps = 4, 12
+@pytest.mark.parametrize("precision,accumulate", [("32-true", 1), ("16-mixed", 1), ("32-true", 2)])
+def test_at_most_one_host_read_per_progress_every_steps(tmp_path, monkeypatch, precision, accumulate):
+    every, steps = 4, 12 * accumulate  # steps: batches
     reads = Reads(monkeypatch)
     plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if precision == "16-mixed" else []
     model = build("dgl", bn=True)
-    t = trainer(max_steps=steps, enable_progress_bar=True, enable_checkpointing=True,
+    model.configure_module_steps(accumulate)
+    t = trainer(max_epochs=1, enable_progress_bar=True, enable_checkpointing=True,
                 callbacks=[reads, *cli_callbacks(tmp_path, every)],
                 plugins=plugins)
     with open(os.devnull, "w") as null, pytest.MonkeyPatch.context() as m:
@@ -350,3 +351,12 @@ def test_cuda_step_never_waits_for_the_device_between_reads(tmp_path, precision)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert len(per_batch) <= math.ceil(steps / every), per_batch
+
+
+def test_runtime_callbacks_do_not_import_the_tools():
+    import subprocess
+    import sys
+
+    code = "import sys, lla.callbacks; print(sorted(m for m in sys.modules if m.startswith('lla.bench')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
