@@ -7,14 +7,21 @@ One training step (DESIGN.md "One training step, as data")::
         h = forward_module(k, h.detach())          # gradient isolation: the input is cut from module k-1
         loss_k = local_loss(k, h, batch)           # the last module: CE through the real classifier
         backward_local(k, loss_k)                  # frees module k's graph now -> the activation-memory saving
+        for j in in_flight: sync.wait(j); step_module(j)   # data-parallel: launched after loss k-1
         after_backward(k)                          # MAN / MLAAN: EMA updates
-        for j in ready[k]: step_module(j)          # modules no later loss reaches: step + free grads now
+        for j in ready[k]: sync.launch(j)          # modules no later loss reaches: average their gradients
+        (one process: sync is a no-op, so ready[k] steps + frees its gradients right here)
+
+One schedule for one process and for ``trainer=ddp``: only the sync object differs (:class:`NoGradSync` or
+:class:`lla.distributed.ModuleGradSync`), looked up once per fit. With ``accumulate_grad_batches`` = N the loop
+runs forward and backward on every batch, but steps, EMA updates and syncs happen only on every N-th batch and an
+epoch's last.
 
 Methods supply ``build_aux``, ``local_loss`` and, where they need them, ``span``, ``forward_module``,
 ``backward_local`` and ``after_backward``. They never override ``training_step``.
 
-Lightning counts ``global_step`` once per batch: each module has its own SGD + scheduler inside
-:class:`~lla.optim.ModuleOptimizers`, which Lightning sees as one optimizer stepped once per batch.
+Lightning counts ``global_step`` once per stepping batch (every batch without accumulation): each module has its own
+SGD + scheduler inside :class:`~lla.optim.ModuleOptimizers`, which Lightning sees as one optimizer.
 """
 
 from __future__ import annotations
@@ -187,7 +194,8 @@ class LocalLearner(L.LightningModule):
         self.manual_backward(loss)
 
     def after_backward(self, k: int) -> None:
-        """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1."""
+        """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1; only on
+        batches where the modules step (with gradient accumulation, once per window)."""
 
     def use_channels_last(self) -> None:
         """Weights and every batch in torch.channels_last (NHWC): a layout, same model. On the benchmark CPU 10-20%
@@ -266,18 +274,18 @@ class LocalLearner(L.LightningModule):
             h = self.forward_module(k, inp)  # overlaps the gradient sync in flight
             loss = self.final_loss(h, batch) if k == self.num_modules - 1 else self.local_loss(k, h, batch)
             self.backward_local(k, loss)
-            self._step_modules(in_flight, modules_opt)  # ready at loss k-1: loss k never reaches them
+            self._step_modules(in_flight, sync, modules_opt)  # ready at loss k-1: loss k never reaches them
             in_flight = []
             if steps:
                 self.after_backward(k)
                 in_flight = self._ready[k]
                 for j in in_flight:
-                    self._launch(j, modules_opt)
+                    self._launch(j, sync, modules_opt)
                 if not overlap:  # a synchronous sync (one process): step + free gradients right away
-                    self._step_modules(in_flight, modules_opt)
+                    self._step_modules(in_flight, sync, modules_opt)
                     in_flight = []
             losses.append(loss.detach())
-        self._step_modules(in_flight, modules_opt)
+        self._step_modules(in_flight, sync, modules_opt)
         self.step_inputs.clear()
         self._x01_cache = None
         if steps:
@@ -314,14 +322,14 @@ class LocalLearner(L.LightningModule):
             self._sync = (sync, True) if sync is not None else (NO_SYNC, False)
         return self._sync
 
-    def _launch(self, j: int, modules_opt: ModuleOptimizers) -> None:
+    def _launch(self, j: int, sync, modules_opt: ModuleOptimizers) -> None:
         if self._window_batches > 1:  # the window's mean gradient (before the sync: ranks average the same thing)
             modules_opt.scale_grads(j, 1.0 / self._window_batches)
-        self._sync[0].launch(self, j)
+        sync.launch(self, j)
 
-    def _step_modules(self, modules: list[int], modules_opt: ModuleOptimizers) -> None:
+    def _step_modules(self, modules: list[int], sync, modules_opt: ModuleOptimizers) -> None:
         for j in modules:
-            self._sync[0].wait(self, j)
+            sync.wait(self, j)  # data-parallel: the averaged gradients are back in p.grad
             modules_opt.step_module(j)  # clips first where configured
 
     def start_grad_sync(self, j: int) -> None:
