@@ -329,6 +329,7 @@ class NonFiniteLossCheck(L.Callback):
         self.method = method
         self.last_checkpoint = last_checkpoint or (lambda: None)
         self._first: torch.Tensor | None = None  # per module: first bad global step, -1 = none
+        self._looked_at = 0  # the global step last looked at (0: nothing trained yet)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not isinstance(getattr(pl_module, "_loss_sum", None), torch.Tensor):
@@ -342,7 +343,8 @@ class NonFiniteLossCheck(L.Callback):
             self._first = torch.full(sums.shape, -1, dtype=torch.long, device=sums.device)
         bad = ~torch.isfinite(sums)
         self._first = torch.where(bad & (self._first < 0), trainer.global_step, self._first)
-        if self.every and trainer.global_step % self.every == 0:
+        if self.every and trainer.global_step % self.every == 0 and trainer.global_step != self._looked_at:
+            self._looked_at = trainer.global_step  # once per step (accumulation: several batches share a step)
             self.check(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:

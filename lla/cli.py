@@ -75,6 +75,9 @@ def build(cfg: DictConfig, choices: dict[str, str] | None = None):
         max_epochs=int(cfg.trainer.max_epochs), denormalize=dm.denormalize)
     if cfg.get("channels_last", False):
         model.use_channels_last()
+    trainer_cfg = cfg.get("trainer") or {}  # per-module accumulation/clipping: the engine's, never the Trainer's
+    model.configure_module_steps(trainer_cfg.get("accumulate_grad_batches", 1) or 1,
+                                 trainer_cfg.get("gradient_clip_val"), trainer_cfg.get("gradient_clip_algorithm"))
     return dm, model
 
 
@@ -83,10 +86,10 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     """Fit one configuration and write ``results.json`` into ``out_dir``."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from lla.callbacks import ActivationMemory, StepTimer
+    from lla.callbacks import ActivationMemory, LossProgressBar, StepTimer
     from lla.checkpointing import RunLock, reliability_callbacks, resolve_resume, stop_status, trainer_plugins
 
     _quiet_lightning()
@@ -123,7 +126,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
             log.warning("logger %s could not start (%s); training goes on without it", cfg.logger._target_, err)
             logger = False
 
-    timer = StepTimer(warmup=int(cfg.measure.timer_warmup))
+    timer = StepTimer(warmup=int(cfg.measure.timer_warmup), read_every=int(cfg.get("progress_every", 10)))
     act = ActivationMemory(batches=int(cfg.measure.activation_batches))
     ckpt = ModelCheckpoint(dirpath=out_dir / "checkpoints", filename="best", monitor="val/acc", mode="max",
                            save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
@@ -135,10 +138,11 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     if cfg.trainer.get("enable_progress_bar", True):
         # Each refresh turns the logged train/loss into a Python float: one GPU->CPU sync, which per step would stall
         # the K modules' kernel launches behind the GPU.
-        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_every", 1))))
+        callbacks.append(LossProgressBar(refresh_rate=int(cfg.get("progress_every", 1))))
     try:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, plugins=trainer_plugins(),
-                              logger=logger, default_root_dir=str(out_dir))
+                              logger=logger, default_root_dir=str(out_dir), accumulate_grad_batches=1,
+                              gradient_clip_val=None, gradient_clip_algorithm=None)  # done per module (build)
     except Exception as err:  # e.g. trainer.precision=17, or trainer=gpu on a machine without one
         cause = err.__cause__ or err
         raise ConfigError("trainer", f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}",

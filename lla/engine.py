@@ -7,14 +7,21 @@ One training step (DESIGN.md "One training step, as data")::
         h = forward_module(k, h.detach())          # gradient isolation: the input is cut from module k-1
         loss_k = local_loss(k, h, batch)           # the last module: CE through the real classifier
         backward_local(k, loss_k)                  # frees module k's graph now -> the activation-memory saving
+        for j in in_flight: sync.wait(j); step_module(j)   # data-parallel: launched after loss k-1
         after_backward(k)                          # MAN / MLAAN: EMA updates
-        for j in ready[k]: step_module(j)          # modules no later loss reaches: step + free grads now
+        for j in ready[k]: sync.launch(j)          # modules no later loss reaches: average their gradients
+        (one process: sync is a no-op, so ready[k] steps + frees its gradients right here)
+
+One schedule for one process and for ``trainer=ddp``: only the sync object differs (:class:`NoGradSync` or
+:class:`lla.distributed.ModuleGradSync`), looked up once per fit. With ``accumulate_grad_batches`` = N the loop
+runs forward and backward on every batch, but steps, EMA updates and syncs happen only on every N-th batch and an
+epoch's last.
 
 Methods supply ``build_aux``, ``local_loss`` and, where they need them, ``span``, ``forward_module``,
 ``backward_local`` and ``after_backward``. They never override ``training_step``.
 
-Lightning counts ``global_step`` once per batch: each module has its own SGD + scheduler inside
-:class:`~lla.optim.ModuleOptimizers`, which Lightning sees as one optimizer stepped once per batch.
+Lightning counts ``global_step`` once per stepping batch (every batch without accumulation): each module has its own
+SGD + scheduler inside :class:`~lla.optim.ModuleOptimizers`, which Lightning sees as one optimizer.
 """
 
 from __future__ import annotations
@@ -32,9 +39,23 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lla.errors import ConfigError
-from lla.optim import ModuleOptimizers, OptimConfig
+from lla.optim import ModuleOptimizers, OptimConfig, check_clipping
 from lla.recompute import set_recompute
 from lla.splits import Split, resolve_split
+
+
+class NoGradSync:
+    """The gradient sync of a single process: nothing to average. Same ``launch``/``wait`` interface as
+    :class:`lla.distributed.ModuleGradSync`, so one process runs the data-parallel schedule."""
+
+    def launch(self, model, j: int) -> None:
+        pass
+
+    def wait(self, model, j: int) -> None:
+        pass
+
+
+NO_SYNC = NoGradSync()
 
 
 class LocalLearner(L.LightningModule):
@@ -84,14 +105,20 @@ class LocalLearner(L.LightningModule):
         self._ready = self._ready_schedule()
         self._max_span = max(self.span(k) for k in range(K))
 
-        self.val_acc = MulticlassAccuracy(num_classes=self.num_classes)
+        # val/acc is top-1 over all samples (what the papers report); the mean of per-class accuracies (torchmetrics'
+        # default average) differs on an imbalanced set such as SVHN's and is logged as val/acc_class_mean
+        self.val_acc = MulticlassAccuracy(num_classes=self.num_classes, average="micro")
+        self.val_acc_class_mean = MulticlassAccuracy(num_classes=self.num_classes, average="macro")
         self.val_acc_best = MaxMetric()
         self.val_loss = MeanMetric()
-        self.val_top5 = MulticlassAccuracy(num_classes=self.num_classes, top_k=5) if self.num_classes >= 100 else None
+        self.val_top5 = MulticlassAccuracy(num_classes=self.num_classes, top_k=5, average="micro") \
+            if self.num_classes >= 100 else None
         self.register_buffer("_loss_sum", torch.zeros(K), persistent=False)
         self._loss_batches = 0
         self.step_inputs: deque[Tensor] = deque(maxlen=self._max_span)
         self.channels_last = False
+        self._sync: tuple[Any, bool] | None = None  # (gradient sync, overlaps?), looked up once per fit
+        self.configure_module_steps()
 
     # ------------------------------------------------------------------ structure
     def resolve_split(self, backbone: nn.Module, k: int) -> Split:
@@ -167,7 +194,8 @@ class LocalLearner(L.LightningModule):
         self.manual_backward(loss)
 
     def after_backward(self, k: int) -> None:
-        """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1."""
+        """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1; only on
+        batches where the modules step (with gradient accumulation, once per window)."""
 
     def use_channels_last(self) -> None:
         """Weights and every batch in torch.channels_last (NHWC): a layout, same model. On the benchmark CPU 10-20%
@@ -212,73 +240,124 @@ class LocalLearner(L.LightningModule):
             raise RuntimeError(f"trainable parameters in no module's optimizer: {orphans[:5]}")
         return ModuleOptimizers(groups, self.optim_cfg, self.max_epochs)
 
+    def configure_module_steps(self, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = None,
+                               gradient_clip_algorithm: str | None = "norm") -> None:
+        """Per-module gradient accumulation and clipping (the Trainer's flags of the same names, which Lightning
+        rejects under manual optimization; ``lla.cli`` routes them here).
+
+        Every module back-propagates each batch (its activations are freed as usual) and accumulates its gradients;
+        it steps on every ``accumulate_grad_batches``-th batch of an epoch and on the epoch's last batch, with the
+        mean of the gradients of the batches in that window. ``gradient_clip_val`` (> 0) clips each module's
+        gradients right before its own step: the module's total 2-norm (``"norm"``) or each element (``"value"``).
+        """
+        n = accumulate_grad_batches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError("trainer.accumulate_grad_batches", f"must be an integer >= 1, got {n!r}", ">= 1")
+        self.accumulate_grad_batches = n
+        self._window_batches = 0
+        self._clip = check_clipping(gradient_clip_val, gradient_clip_algorithm)  # applied at fit start
+
     def training_step(self, batch, batch_idx: int):
         opt = self.optimizers()
         modules_opt: ModuleOptimizers = opt.optimizer
+        sync, overlap = self._sync_schedule()
+        steps = self._window_ends(batch_idx)  # False: accumulate this batch's gradients, step nothing
         x = batch[0]
         losses: list[Tensor] = []
         self.step_inputs.clear()
         h = x
-        sync = self._grad_sync()  # None in a single process
-        pending: list[int] = []   # data-parallel only: modules whose gradient all-reduce is in flight
+        in_flight: list[int] = []  # modules whose gradient sync is launched; they step after the next loss
         for k in range(self.num_modules):
             inp = h.detach()
             if self._max_span > 1:
                 self.step_inputs.append(inp)
-            h = self.forward_module(k, inp)  # overlaps the all-reduce of `pending`
+            h = self.forward_module(k, inp)  # overlaps the gradient sync in flight
             loss = self.final_loss(h, batch) if k == self.num_modules - 1 else self.local_loss(k, h, batch)
             self.backward_local(k, loss)
-            self._step_modules(pending, modules_opt)  # ready at loss k-1: loss k never reaches them
-            self.after_backward(k)
-            if sync is None:
-                self._step_modules(self._ready[k], modules_opt)  # step + free gradients right away
-            else:
-                pending = self._ready[k]
-                for j in pending:
-                    self.start_grad_sync(j)
+            self._step_modules(in_flight, sync, modules_opt)  # ready at loss k-1: loss k never reaches them
+            in_flight = []
+            if steps:
+                self.after_backward(k)
+                in_flight = self._ready[k]
+                for j in in_flight:
+                    self._launch(j, sync, modules_opt)
+                if not overlap:  # a synchronous sync (one process): step + free gradients right away
+                    self._step_modules(in_flight, sync, modules_opt)
+                    in_flight = []
             losses.append(loss.detach())
-        self._step_modules(pending, modules_opt)
+        self._step_modules(in_flight, sync, modules_opt)
         self.step_inputs.clear()
         self._x01_cache = None
-        opt.step()  # ticks global_step once per batch; every module has already stepped
+        if steps:
+            self._window_batches = 0
+            opt.step()  # ticks global_step once per (accumulated) batch; every module has already stepped
         stacked = torch.stack(losses)
         self._loss_sum += stacked.float()
         self._loss_batches += 1
-        self.log("train/loss", stacked[-1], prog_bar=True, on_step=True, on_epoch=False)
+        # not prog_bar: Lightning turns progress-bar metrics into floats after every batch (a host sync per step);
+        # the progress bar reads train/loss itself, once per refresh (lla.callbacks.LossProgressBar)
+        self.log("train/loss", stacked[-1], on_step=True, on_epoch=False)
         return None
 
-    def _grad_sync(self):
-        """The strategy's per-module gradient all-reducer (lla.distributed), or None in a single process."""
-        return getattr(self._trainer.strategy, "grad_sync", None) if self._trainer is not None else None
+    def _window_ends(self, batch_idx: int) -> bool:
+        """Whether the modules step on this batch: every ``accumulate_grad_batches``-th batch of the epoch and the
+        epoch's last one (a shorter last window steps on the mean of its own batches, as Lightning steps there)."""
+        self._window_batches += 1
+        n = self.accumulate_grad_batches
+        if n == 1 or (batch_idx + 1) % n == 0:
+            return True
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        total = trainer.num_training_batches
+        return (isinstance(total, int) and batch_idx + 1 >= total) or \
+            bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
-    def _step_modules(self, modules: list[int], modules_opt: ModuleOptimizers) -> None:
+    def _sync_schedule(self) -> tuple[Any, bool]:
+        """(gradient sync, whether it overlaps): the strategy's per-module all-reducer (lla.distributed), whose
+        modules step after the next loss so the all-reduce runs behind that module's compute, or a synchronous
+        no-op in one process, whose modules step at once. Looked up once per fit (``on_fit_start``)."""
+        if self._sync is None:
+            sync = getattr(self._trainer.strategy, "grad_sync", None) if self._trainer is not None else None
+            self._sync = (sync, True) if sync is not None else (NO_SYNC, False)
+        return self._sync
+
+    def _launch(self, j: int, sync, modules_opt: ModuleOptimizers) -> None:
+        if self._window_batches > 1:  # the window's mean gradient (before the sync: ranks average the same thing)
+            modules_opt.scale_grads(j, 1.0 / self._window_batches)
+        sync.launch(self, j)
+
+    def _step_modules(self, modules: list[int], sync, modules_opt: ModuleOptimizers) -> None:
         for j in modules:
-            self.reduce_module_grads(j)
-            modules_opt.step_module(j)
+            sync.wait(self, j)  # data-parallel: the averaged gradients are back in p.grad
+            modules_opt.step_module(j)  # clips first where configured
 
     def start_grad_sync(self, j: int) -> None:
         """Data-parallel training: launch module j's async gradient all-reduce (lla.distributed); no-op otherwise."""
-        sync = self._grad_sync()
-        if sync is not None:
-            sync.launch(self, j)
+        self._sync_schedule()[0].launch(self, j)
 
     def reduce_module_grads(self, j: int) -> None:
         """Data-parallel training: average module j's gradients across processes before it steps (waits for the
         all-reduce ``start_grad_sync`` launched, or runs it now)."""
-        sync = self._grad_sync()
-        if sync is not None:
-            sync.wait(self, j)
+        self._sync_schedule()[0].wait(self, j)
 
     def on_fit_start(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
+
+        self._sync = None
+        self._sync_schedule()
+        self._window_batches = 0
 
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
             raise ConfigError("trainer.strategy", "DistributedDataParallel allows one backward per step, local "
                               "learning runs one per module", "trainer=ddp (lla.distributed.LocalDDPStrategy)")
         # precision=16-mixed: manual_backward scales each loss; the module steps must unscale (ModuleOptimizers).
-        self.optimizers().optimizer.use_scaler(getattr(self.trainer.precision_plugin, "scaler", None))
+        modules_opt: ModuleOptimizers = self.optimizers().optimizer
+        modules_opt.use_scaler(getattr(self.trainer.precision_plugin, "scaler", None))
+        modules_opt.set_clipping(*self._clip)
 
     def on_train_epoch_start(self) -> None:
+        self._window_batches = 0  # a window never spans epochs (the last batch of an epoch steps)
         self._loss_sum.zero_()
         self._loss_batches = 0
 
@@ -298,6 +377,7 @@ class LocalLearner(L.LightningModule):
         logits = self(x)
         self.val_loss.update(F.cross_entropy(logits, y))
         self.val_acc.update(logits, y)
+        self.val_acc_class_mean.update(logits, y)
         if self.val_top5 is not None:
             self.val_top5.update(logits, y)
 
@@ -307,12 +387,14 @@ class LocalLearner(L.LightningModule):
             self.val_acc_best.update(acc)
         self.log("val/acc", acc, prog_bar=True)
         self.log("val/loss", self.val_loss.compute())
+        self.log("val/acc_class_mean", self.val_acc_class_mean.compute())
         self.log("val/acc_best", self.val_acc_best.compute() if self.val_acc_best.update_called else acc,
                  prog_bar=True)
         if self.val_top5 is not None:
             self.log("val/acc_top5", self.val_top5.compute())
             self.val_top5.reset()
         self.val_acc.reset()
+        self.val_acc_class_mean.reset()
         self.val_loss.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -321,7 +403,12 @@ class LocalLearner(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.val_acc.compute())
         self.log("test/loss", self.val_loss.compute())
+        self.log("test/acc_class_mean", self.val_acc_class_mean.compute())
+        if self.val_top5 is not None:
+            self.log("test/acc_top5", self.val_top5.compute())
+            self.val_top5.reset()
         self.val_acc.reset()
+        self.val_acc_class_mean.reset()
         self.val_loss.reset()
 
     # ------------------------------------------------------------------ reporting

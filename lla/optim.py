@@ -48,6 +48,22 @@ class OptimConfig:
             raise ConfigError("optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}", ">= 0")
 
 
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+def check_clipping(value, algorithm) -> tuple[float | None, str]:
+    """Validate ``trainer.gradient_clip_val`` / ``trainer.gradient_clip_algorithm``: (value or None, algorithm)."""
+    algorithm = "norm" if algorithm is None else algorithm
+    if algorithm not in CLIP_ALGORITHMS:
+        raise ConfigError("trainer.gradient_clip_algorithm", f"unknown algorithm {algorithm!r}", ", ".join(CLIP_ALGORITHMS))
+    if value is None:
+        return None, algorithm
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ConfigError("trainer.gradient_clip_val", f"must be a finite number >= 0 or null, got {value!r}",
+                          "null or 0 (off), or a positive float, e.g. 1.0")
+    return (float(value) or None), algorithm
+
+
 def _use_fused(requested: bool | None, params: Sequence[nn.Parameter]) -> bool:
     """The fused SGD kernel updates ~2x faster: K optimizers per batch run the per-parameter loop over all aux-net
     tensors too (~2% of a DGL step on CPU; on a GPU one launch per module instead of several per tensor). Same rule,
@@ -85,6 +101,8 @@ class ModuleOptimizers(torch.optim.Optimizer):
         self.defaults = dict(self.optimizers[0].defaults) if self.optimizers else {}
         self._stepped = [False] * len(self.optimizers)
         self.scaler: torch.amp.GradScaler | None = None  # use_scaler(), under precision=16-mixed
+        self.clip_value, self.clip_algorithm = None, "norm"  # set_clipping()
+        self._zero_momentum_buffers()
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
 
@@ -127,6 +145,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
                 group["fused"] = fused
         for sch, sd in zip(self.schedulers, state_dict.get("schedulers", [])):
             sch.load_state_dict(sd)
+        self._zero_momentum_buffers()  # a checkpoint written before a module's first step has none
 
     def __repr__(self) -> str:
         return f"ModuleOptimizers({len(self.optimizers)} x SGD, schedule={self.cfg.schedule})"
@@ -134,15 +153,36 @@ class ModuleOptimizers(torch.optim.Optimizer):
     def use_scaler(self, scaler: torch.amp.GradScaler | None) -> None:
         """Unscale and inf-check each module's gradients with ``scaler`` before its step (precision=16-mixed).
 
-        Also turns the fused kernel off: torch's fused SGD allocates momentum buffers with ``empty_like`` and fills
-        them in its first step, so a first step the scaler skips (inf gradients, common at the initial scale)
-        leaves them uninitialised and the next step adds garbage to the weights."""
-        self.scaler = scaler
-        if scaler is not None and scaler.is_enabled():
-            for opt in self.optimizers:
-                opt.defaults["fused"] = opt._step_supports_amp_scaling = False
-                for group in opt.param_groups:
-                    group["fused"] = False
+        With the fused kernel (the default) ``scaler.step`` hands the kernel the scale and the inf flag as tensors:
+        it unscales and skips an overflowing step on the device, without a host sync. The momentum buffers exist
+        from the start (:meth:`_zero_momentum_buffers`), so a skipped first step leaves nothing uninitialised. With
+        ``optim.fused=false`` the scaler reads the inf flag on the host, once per module step."""
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+
+    def set_clipping(self, value: float | None, algorithm: str | None = "norm") -> None:
+        """Clip each module's gradients right before its own step: total 2-norm at most ``value`` (``"norm"``) or
+        every element in [-value, value] (``"value"``); ``None``/0 turns clipping off."""
+        self.clip_value, self.clip_algorithm = check_clipping(value, algorithm)
+
+    def scale_grads(self, j: int, factor: float) -> None:
+        """Multiply module j's gradients by ``factor`` in place (the mean of an accumulation window)."""
+        grads = [p.grad for g in self.optimizers[j].param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def _zero_momentum_buffers(self) -> None:
+        """Create every missing momentum buffer as zeros. With dampening 0 the first step then computes
+        ``buf = momentum * 0 + grad = grad``, torch's own first-step value, in every kernel; and the fused kernel,
+        which otherwise allocates the buffers with ``empty_like`` and fills them in its first step, never meets an
+        uninitialised buffer after a first step that the fp16 scaler skipped."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                if group["momentum"] == 0:
+                    continue
+                for p in group["params"]:
+                    state = opt.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     # -- per-module stepping ------------------------------------------------------------------------------------
     def step_module(self, j: int) -> None:
@@ -150,9 +190,19 @@ class ModuleOptimizers(torch.optim.Optimizer):
 
         Under fp16 the gradients are scaled: the scaler unscales them, and skips this module's update if they hold
         inf/NaN. Each module is checked on its own; the scale itself is updated once per batch (Lightning calls
-        ``scaler.update()`` after the container's ``step``)."""
+        ``scaler.update()`` after the container's ``step``). Clipping (:meth:`set_clipping`) acts on the unscaled
+        gradients, after any data-parallel averaging."""
         opt = self.optimizers[j]
-        if self.scaler is not None and any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+        has_grads = any(p.grad is not None for g in opt.param_groups for p in g["params"])
+        if self.clip_value and has_grads:
+            if self.scaler is not None:
+                self.scaler.unscale_(opt)  # on the device; the step below then skips an overflow the same way
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if self.clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(params, self.clip_value)
+            else:
+                torch.nn.utils.clip_grad_value_(params, self.clip_value)
+        if self.scaler is not None and has_grads:
             self.scaler.step(opt)  # (it refuses an optimizer without gradients: nothing to check, nothing to do)
         else:
             opt.step()

@@ -267,6 +267,9 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError("trainer.max_steps", "must be -1 (no limit) or >= 1, got 0", "-1 or >= 1")
         # the LR schedule is laid out over max_epochs (lla.optim), so it must be a real length
         _int_at_least(cfg.trainer.get("max_epochs", 1), "trainer.max_epochs", 1)
+        _int_at_least(cfg.trainer.get("accumulate_grad_batches", 1), "trainer.accumulate_grad_batches", 1)
+        from lla.optim import check_clipping
+        check_clipping(cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("gradient_clip_algorithm"))
     if cfg.get("k") is not None:
         _int_at_least(cfg.k, "k", 1, "1..number of layers of the backbone")
     _int_at_least(cfg.get("seed", 0), "seed", 0)

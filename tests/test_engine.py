@@ -161,14 +161,21 @@ def test_fp16_module_without_gradients_steps_as_a_no_op():
     assert all(torch.equal(a, p) for a, p in zip(before, opt.optimizers[0].param_groups[0]["params"]))
 
 
-def test_fp16_resume_keeps_the_unfused_kernel():
-    # Lightning restores optimizer state after on_fit_start: a checkpoint's groups must not switch fused back on.
+def test_fp16_keeps_the_fused_kernel_and_resume_restores_momentum_buffers():
+    # The fused kernel stays on under the scaler (it skips an overflowing step on the device). A checkpoint written
+    # before a module's first step has no momentum buffers: loading it must create them again (zeros), or the fused
+    # kernel's first step after a skipped one would read empty_like memory.
     saved = dgl(k=4).configure_optimizers().state_dict()
+    for sd in saved["optimizers"]:
+        sd["state"] = {}
     opt = dgl(k=4).configure_optimizers()
     opt.use_scaler(torch.amp.GradScaler("cpu"))
     opt.load_state_dict(saved)
-    assert all(g["fused"] is False for g in opt.param_groups)
-    assert not any(o._step_supports_amp_scaling for o in opt.optimizers)
+    assert all(g["fused"] is True for g in opt.param_groups)
+    assert all(o._step_supports_amp_scaling for o in opt.optimizers)
+    for o in opt.optimizers:
+        for p in o.param_groups[0]["params"]:
+            assert torch.equal(o.state[p]["momentum_buffer"], torch.zeros_like(p))
 
 
 def test_channels_last_trains_the_same_model_in_nhwc():

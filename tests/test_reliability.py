@@ -314,16 +314,16 @@ def test_kill9_then_sigterm_then_rerun_resumes_each_time(tmp_path):
 # ---------------------------------------------------------------------------------------------- host syncs
 def test_progress_bar_reads_the_loss_every_progress_every_steps(tmp_path, monkeypatch):
     """Each progress-bar refresh turns train/loss into a float (a GPU->CPU sync on CUDA): count those reads."""
-    import lightning.pytorch.trainer.connectors.logger_connector.result as result
+    from lla.callbacks import LossProgressBar
 
     reads = []
-    real = result.convert_tensors_to_scalars
+    real = LossProgressBar.get_metrics
 
-    def counting(value):
+    def counting(self, trainer, pl_module):
         reads.append(1)
-        return real(value)
+        return real(self, trainer, pl_module)
 
-    monkeypatch.setattr(result, "convert_tensors_to_scalars", counting)
+    monkeypatch.setattr(LossProgressBar, "get_metrics", counting)
     quiet = [o for o in TINY if not o.startswith(("trainer.enable_progress_bar", "checkpoint.", "nan_check_every"))]
     counts = {}
     for every in (1, 100):
