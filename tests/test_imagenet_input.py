@@ -222,3 +222,13 @@ def test_dali_trains_through_lightning(tmp_path):
     trainer(max_epochs=1, callbacks=[probe], limit_val_batches=1.0).fit(model, datamodule=dm)
     assert len(probe.seen) == 2 and all(dtype == torch.float32 for dtype, _, _ in probe.seen)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_loader_speed_reports_both_imagenet_paths():
+    from lla.data import dali
+    from lla.data.loader_speed import measure_imagenet
+
+    rows = measure_imagenet(n_images=8, batch_size=4, epochs=1, size=(120, 100))
+    names = [name for name, _ in rows]
+    assert any("torchvision" in n for n in names) and all(rate > 0 for _, rate in rows)
+    assert any("DALI" in n for n in names) == dali.available()
