@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.lla-installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: install
 		--json bench/interleaved_lean.json --markdown bench/interleaved_lean.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --channels-last --json bench/interleaved_cl.json \
 		--markdown bench/interleaved_cl.md
+
+# On one CUDA GPU, under 8 minutes: the `gpu` tests, then ResNet-32 K=16 and ResNet-101 K=2 at batch 128, every
+# method, 32-true and bf16-mixed; writes bench/gpu.json and bench/gpu.md. Needs torch with CUDA (TORCH_SPEC).
+gpu-check: install
+	$(PY) -m lla.bench.gpu --out bench
 
 lint: install
 	$(VENV)/bin/ruff check lla tests run.py
