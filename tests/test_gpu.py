@@ -49,6 +49,7 @@ METHODS = {  # every conf/method, MAN and MLAAN on both bases
 }
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 K, SIZE, BATCH, STEPS = 4, 16, 8, 2
+DEVICE = "cuda"  # one name for the device under test (set to "cpu" to dry-run these bodies without a GPU)
 
 
 def to01(x):
@@ -121,10 +122,10 @@ def test_training_step_on_cuda(name, precision, channels_last, exact_fp32):
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     if channels_last:
         model.use_channels_last()
-    losses = fit(model, "cuda", precision)
+    losses = fit(model, DEVICE, precision)
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses))), losses
     params = {n: p.detach() for n, p in model.named_parameters()}
-    assert all(p.device.type == "cuda" and torch.isfinite(p).all() for p in params.values())
+    assert all(p.device.type == DEVICE and torch.isfinite(p).all() for p in params.values())
     moved = max((params[n].float().cpu() - init[n].float()).abs().max().item() for n in init)
     assert moved > 2e-2, f"the weights hardly changed ({moved:.1e})"  # measured on the CPU: 3e-2 to 2e-1
     if precision != "32-true":
@@ -143,9 +144,9 @@ def test_float64_step_on_cuda_equals_the_cpu(name, channels_last, exact_fp32):
     see above: ~1e-11), so 1e-8 has margin and any real difference on the CUDA path (a kernel, a layout, an update
     applied to the wrong elements) shows."""
     states = []
-    for accelerator in ("cuda", "cpu"):
+    for accelerator in (DEVICE, "cpu"):
         model = make(name).double()
-        if channels_last and accelerator == "cuda":
+        if channels_last and accelerator == DEVICE:
             model.use_channels_last()
         fit(model, accelerator, "64-true", dataset=data(BATCH * STEPS, torch.float64))
         states.append({n: t.detach().cpu() for n, t in model.state_dict().items()})
@@ -176,7 +177,7 @@ def test_cuda_peak_memory_matches_the_accounting(name, precision):
     if method == "auglocal":
         options = (("depth", 2),)
     row = run_config(BenchConfig(method, "resnet32", 16, 256, 32, options, precision), steps=2, warmup=1,
-                     device="cuda")
+                     device=DEVICE)
     alloc, acc = row["cuda_max_allocated_bytes"], row["peak_total_bytes"]
     print(f"{name} {precision}: CUDA max allocated {alloc / 2**20:.1f} MiB, accounting {acc / 2**20:.1f} MiB, "
           f"ratio {alloc / acc:.3f}")
@@ -190,16 +191,16 @@ def test_on_device_loader_on_cuda_equals_the_cpu(tmp_path):
 
     write_cifar10(tmp_path, n_train=100, n_test=20)
     batches = {}
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", DEVICE):
         dm = CIFAR10DataModule(root=str(tmp_path), batch_size=32, on_device=True, num_workers=0)
         dm.device = device
         dm.setup("fit")
         loader = dm.train_dataloader()
         assert loader.images.device.type == device and loader.images.dtype == torch.uint8
         batches[device] = [(x, y) for x, y in loader]
-    assert len(batches["cuda"]) == len(batches["cpu"]) == 4
-    for (xc, yc), (xg, yg) in zip(batches["cpu"], batches["cuda"]):
-        assert xg.device.type == "cuda" and xg.dtype == torch.float32
+    assert len(batches[DEVICE]) == len(batches["cpu"]) == 4
+    for (xc, yc), (xg, yg) in zip(batches["cpu"], batches[DEVICE]):
+        assert xg.device.type == DEVICE and xg.dtype == torch.float32
         assert torch.equal(yg.cpu(), yc)  # the same order, crops and flips: drawn on the CPU from (seed, epoch)
         torch.testing.assert_close(xg.cpu(), xc, atol=1e-6, rtol=0)
 
@@ -216,21 +217,21 @@ BLOCKS = {
 @pytest.mark.parametrize("block_name", list(BLOCKS))
 def test_fused_bn_relu_equals_plain_on_cuda(block_name):
     torch.manual_seed(0)
-    plain = BLOCKS[block_name]().double().cuda().train()
+    plain = BLOCKS[block_name]().double().to(DEVICE).train()
     for m in plain.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.uniform_(m.bias, -0.3, 0.3)
     fused = copy.deepcopy(plain)
     set_fused_bn_relu(fused, True)
-    x = torch.randn(4, plain.conv1.in_channels, 8, 8, dtype=torch.float64, device="cuda")
+    x = torch.randn(4, plain.conv1.in_channels, 8, 8, dtype=torch.float64, device=DEVICE)
     results, stored = [], []
     for block in (plain, fused):
         xi = x.clone().requires_grad_()
         with SavedTensorMeter(exclude=[*block.parameters(), *block.buffers()]) as meter:
             out = block(xi)
         stored.append(meter.live_bytes)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device="cuda").view_as(out)).sum().backward()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=DEVICE).view_as(out)).sum().backward()
         results.append((out.detach(), xi.grad, {n: p.grad for n, p in block.named_parameters()}))
     (o1, gx1, gp1), (o2, gx2, gp2) = results
     assert stored[1] < stored[0]  # the fused kernel ran on CUDA (it stores one map less), no silent fallback
@@ -248,14 +249,14 @@ def test_aux_checkpoint_equals_plain_on_cuda(name, exact_fp32):
     states = []
     for aux_checkpoint in (False, True):
         model = make(name, aux_checkpoint=aux_checkpoint)
-        fit(model, "cuda", "64-true", steps=3, dataset=data(BATCH * 3, torch.float64))
+        fit(model, DEVICE, "64-true", steps=3, dataset=data(BATCH * 3, torch.float64))
         states.append({n: t.detach().cpu() for n, t in model.state_dict().items()})
     for n in states[0]:
         torch.testing.assert_close(states[1][n], states[0][n], atol=1e-10, rtol=0, msg=n)
 
 
 # ---------------------------------------------------------------------------------------------------- 2 GPUs, NCCL
-def _nccl_worker(rank: int, world: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, out: str, accelerator: str = "cuda", backend: str = "nccl") -> None:
     from lla.distributed import LocalDDPStrategy
     from tests.test_ddp import BS, SEED, build, dataset, trainer
     from tests.test_ddp import METHODS as DDP_METHODS
@@ -264,24 +265,25 @@ def _nccl_worker(rank: int, world: int, out: str) -> None:
     for method in DDP_METHODS:
         model = build(method, SEED + rank, "none")
         shard = DistributedSampler(dataset(), num_replicas=world, rank=rank, shuffle=False)
-        strategy = LocalDDPStrategy(process_group_backend="nccl")
-        trainer(accelerator="cuda", devices=world, strategy=strategy, use_distributed_sampler=False,
+        strategy = LocalDDPStrategy(process_group_backend=backend)
+        trainer(accelerator=accelerator, devices=world, strategy=strategy, use_distributed_sampler=False,
                 precision="64-true").fit(model, DataLoader(dataset(), batch_size=BS, sampler=shard))
         results[method] = {n: t.detach().cpu() for n, t in model.state_dict().items()}
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_nccl_ddp_equals_one_process_on_the_concatenated_batch(tmp_path, exact_fp32):
+def test_nccl_ddp_equals_one_process_on_the_concatenated_batch(tmp_path, exact_fp32, accelerator="cuda",
+                                                               backend="nccl"):
     from lla.distributed import spawn
     from tests.test_ddp import BS, SEED, WORLD, build, dataset, max_diff, trainer
     from tests.test_ddp import METHODS as DDP_METHODS
 
-    spawn(_nccl_worker, WORLD, (str(tmp_path),), timeout_s=300)
+    spawn(_ddp_worker, WORLD, (str(tmp_path), accelerator, backend), timeout_s=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for method in DDP_METHODS:
         ref = build(method, SEED, "none")
-        trainer(accelerator="cuda", devices=1, precision="64-true").fit(
+        trainer(accelerator=accelerator, devices=1, precision="64-true").fit(
             ref, DataLoader(dataset(), batch_size=WORLD * BS))
         ref_state = {n: t.detach().cpu() for n, t in ref.state_dict().items()}
         diff, where = max_diff(ranks[0][method], ref_state)
