@@ -80,7 +80,7 @@ def fit(model, accelerator: str, precision: str, steps: int = STEPS, dataset=Non
     probe = Losses()
     L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe], deterministic=False,
+              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe],
               ).fit(model, DataLoader(dataset or data(BATCH * steps), batch_size=BATCH))
     return probe.values
 
@@ -122,8 +122,11 @@ def test_training_step_on_cuda(name, precision, channels_last, exact_fp32):
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     if channels_last:
         model.use_channels_last()
-    losses = fit(model, DEVICE, precision)
-    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses))), losses
+    # 16-mixed: the loss scaler starts at 2^16 and skips the steps whose gradients overflow while it backs off,
+    # so give it a few more steps to show that the weights move
+    steps = STEPS if precision != "16-mixed" else 6
+    losses = fit(model, DEVICE, precision, steps=steps)
+    assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses))), losses
     params = {n: p.detach() for n, p in model.named_parameters()}
     assert all(p.device.type == DEVICE and torch.isfinite(p).all() for p in params.values())
     moved = max((params[n].float().cpu() - init[n].float()).abs().max().item() for n in init)
