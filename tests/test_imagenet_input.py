@@ -166,9 +166,10 @@ def test_dali_shards_follow_rank_and_world(tmp_path):
         shards = [DaliLoader(folder, train, 2, IMAGENET_MEAN, IMAGENET_STD, rank=r, world=2, num_workers=1)
                   for r in range(2)]
         assert len(shards[0]) == len(shards[1])  # equal batch counts: DDP would hang otherwise
-        seen = [{i for x, _ in shard for i in identify(x, colors)} for shard in shards]
-        assert not seen[0] & seen[1]  # disjoint ...
-        assert seen[0] | seen[1] == set(colors.values())  # ... and together the whole split
+        for _epoch in range(2):  # training reshuffles after each epoch: the same permutation on every rank
+            seen = [{i for x, _ in shard for i in identify(x, colors)} for shard in shards]
+            assert not seen[0] & seen[1]  # disjoint ...
+            assert seen[0] | seen[1] == set(colors.values())  # ... and together the whole split
 
 
 def test_dali_val_equals_torchvision_val_and_train_crops_and_flips(tmp_path):

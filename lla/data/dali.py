@@ -70,7 +70,10 @@ def build_pipeline(files: list[str], labels: list[int], train: bool, batch_size:
 
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+    # the reader's seed is shared (one global permutation per epoch, split into shards); the augmentation's differs
+    # per rank, so ranks do not draw the same sequence of crops and flips
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  seed=(seed * 1_000_003 + rank + 1) % 2**31,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipeline():
         jpegs, label = fn.readers.file(
