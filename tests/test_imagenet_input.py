@@ -103,6 +103,17 @@ def test_bad_loader_value_is_one_config_error():
     assert "\n" not in str(err.value)
 
 
+def test_bad_loader_value_on_the_command_line_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "run.py", "dataset=imagenet", "dataset.loader=nvjpeg"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: dataset.loader: unknown loader 'nvjpeg'; allowed: torchvision, dali"
+
+
 def test_dali_missing_is_one_config_error(monkeypatch):
     import lla.data.dali as dali
 
