@@ -18,7 +18,12 @@ Measured on the 2-core development VM (no GPU), so "on-device" here means CPU te
     quiet machine      DataLoader 0 workers  2,006 img/s | 2 workers  3,747 img/s | on-device 73,662 img/s
     shared (load 3-11) DataLoader 0 workers  430-1,330   | 2 workers  400-1,050   | on-device 1,265-15,410
 
-The on-device path was the fastest in every run (2x to 20x). Its CPU figure suffers most from other processes
+ImageNet rows, same VM (256 noise JPEGs of 500x375: they decode slower than photos), two runs:
+
+    load 1.4   torchvision 0 workers 303 img/s | 2 workers 527 img/s | DALI CPU backend, 2 threads 383 img/s
+    load 3     torchvision 0 workers 114 img/s | 2 workers 259 img/s | DALI CPU backend, 2 threads 253 img/s
+
+The CIFAR on-device path was the fastest in every run (2x to 20x). Its CPU figure suffers most from other processes
 competing for the two cores (torch's intra-op threads wait on each other); on a GPU it runs as a few kernels per
 batch and never waits for CPU workers.
 """
