@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.lla-installed
 
-.PHONY: install demo test test-fast bench lint clean docs
+.PHONY: install demo test test-fast bench gpu-check lint clean docs
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: install
 # The documentation site (mkdocs + Material + mkdocstrings) into site/; --strict fails on a broken link or page.
 docs: install
 	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# On one CUDA GPU, under 8 minutes: the `gpu` tests, then ResNet-32 K=16 and ResNet-101 K=2 at batch 128, every
+# method, 32-true and bf16-mixed; writes bench/gpu.json and bench/gpu.md. Needs torch with CUDA (TORCH_SPEC).
+gpu-check: install
+	$(PY) -m lla.bench.gpu --out bench
 
 lint: install
 	$(VENV)/bin/ruff check lla tests run.py

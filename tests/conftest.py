@@ -18,3 +18,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are collected everywhere and skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:  # not item.keywords: it holds folder names too
+            item.add_marker(skip)

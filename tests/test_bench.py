@@ -267,3 +267,45 @@ def test_interleaved_channels_last_keeps_a_plain_nchw_e2e_as_the_yardstick():
     plain, nhwc, dgl = (r["step_time_s"] for r in rows)
     assert rows[2]["time_vs_e2e"] == pytest.approx(dgl / nhwc)
     assert rows[2]["time_vs_plain_e2e"] == pytest.approx(dgl / plain)
+
+
+# ---------------------------------------------------------------------------------------------------- make gpu-check
+def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
+    """`python -m lla.bench.gpu --dry-run`: the gpu-check code path on the CPU (gpu tests collected and skipped,
+    real engine steps, E2E ratios), writing the files `make gpu-check` writes."""
+    from lla.bench import gpu
+
+    with pytest.raises(SystemExit) as done:
+        gpu.main(["--dry-run", "--out", str(tmp_path), "--methods", "e2e,dgl", "--precisions", "32-true",
+                  "--nets", "cifar"])
+    assert done.value.code == 0
+    payload = json.loads((tmp_path / "gpu.json").read_text())
+    tests = payload["gpu_tests"]
+    assert tests["passed"] and "skipped" in tests["summary"] and tests["exit_code"] == 0, tests
+    assert int(tests["summary"].split(" skipped")[0].split()[-1]) >= 50  # collected, then skipped: no CUDA here
+    rows = payload["rows"]
+    assert [(r["method"], r["backbone"], r["precision"]) for r in rows] == [("e2e", "resnet20", "32-true"),
+                                                                            ("dgl", "resnet20", "32-true")]
+    for r in rows:
+        assert r["step_time_s"] > 0 and r["images_per_s"] == pytest.approx(r["batch_size"] / r["step_time_s"])
+        assert r["cuda_max_allocated_bytes"] is None and r["peak_total_bytes"] > 0  # CPU: no CUDA figures
+    assert rows[0]["time_vs_e2e"] == 1.0
+    assert rows[1]["time_vs_e2e"] == pytest.approx(rows[1]["step_time_s"] / rows[0]["step_time_s"])
+    md = (tmp_path / "gpu.md").read_text()
+    assert "Dry run" in md and "| dgl | 8 |" in md and "reserved / E2E" in md
+
+
+def test_gpu_check_needs_cuda_or_dry_run_and_keeps_its_time_budget(tmp_path, capsys):
+    from lla.bench import gpu
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as done:
+            gpu.main(["--out", str(tmp_path)])
+        assert done.value.code == 2
+        assert capsys.readouterr().err.strip().startswith("error: device: make gpu-check needs a CUDA device")
+    with pytest.raises(SystemExit) as done:
+        gpu.main(["--dry-run", "--skip-tests", "--budget-s", "0", "--out", str(tmp_path)])
+    assert done.value.code == 1  # rows were left out: not a clean check
+    payload = json.loads((tmp_path / "gpu.json").read_text())
+    assert payload["rows"] == [] and len(payload["skipped"]) == 2 * 2 * 6
+    assert all("time budget" in s["reason"] for s in payload["skipped"])

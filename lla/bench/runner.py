@@ -4,7 +4,9 @@ The model is built exactly as ``lla-train`` builds it (the Hydra config composed
 :func:`lla.cli.build`) and trained by a Lightning Trainer, so every figure is the engine's own ``training_step``:
 
 * steps ``0..warmup-1``: warm-up (allocator, optimizer state, autotuning), not measured;
-* the next ``steps`` steps: timed WITHOUT hooks (median wall time; CUDA peaks reset before each step);
+* the next ``steps`` steps: timed WITHOUT hooks (median wall time; CUDA peaks reset before each step). On CUDA
+  each step is bracketed by two CUDA events and the host waits once, after the last timed step: nothing inside
+  or between the timed steps synchronises, so the figures include no artificial stalls;
 * one last step: saved-tensor and gradient hooks on (:class:`TrainingMemoryMeter`), split into one segment per
   local loss by wrapping ``forward_module``/``backward_local`` on the instance for that step only.
 """
@@ -144,11 +146,6 @@ class _Repeat(torch.utils.data.Dataset):
         return self.batch
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _callback_class():
     import lightning as L
 
@@ -158,6 +155,7 @@ def _callback_class():
         def __init__(self, probe: Probe, warmup: int, steps: int, explain: bool = False):
             self.probe, self.warmup, self.steps, self.explain = probe, warmup, steps, explain
             self._t0 = 0.0
+            self._events: list[list[torch.cuda.Event]] = []  # CUDA: (start, end) per timed step, read once
 
         def _timed(self, i: int) -> bool:
             return self.warmup <= i < self.warmup + self.steps
@@ -165,22 +163,28 @@ def _callback_class():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             dev = pl_module.device
             if self._timed(batch_idx):
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                _sync(dev)
-                self._t0 = time.perf_counter()
+                if dev.type == "cuda":  # an event in the stream: nothing waits for the device here
+                    torch.cuda.reset_peak_memory_stats(dev)  # host-side allocator counters, no sync
+                    self._events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+                    self._events[-1][0].record()
+                else:
+                    self._t0 = time.perf_counter()
             elif batch_idx == self.warmup + self.steps:
                 self._start_meter(pl_module)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             dev = pl_module.device
             if self._timed(batch_idx):
-                _sync(dev)
-                self.probe.times.append(time.perf_counter() - self._t0)
                 if dev.type == "cuda":
+                    self._events[-1][1].record()
                     alloc, res = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
                     self.probe.cuda_allocated = max(self.probe.cuda_allocated or 0, alloc)
                     self.probe.cuda_reserved = max(self.probe.cuda_reserved or 0, res)
+                    if batch_idx == self.warmup + self.steps - 1:  # after the last timed step, outside any step
+                        self._events[-1][1].synchronize()
+                        self.probe.times = [a.elapsed_time(b) / 1000 for a, b in self._events]
+                else:
+                    self.probe.times.append(time.perf_counter() - self._t0)
             elif batch_idx == self.warmup + self.steps:
                 self._stop_meter(trainer, pl_module)
 
