@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,7 @@ def test_a_resumed_run_continues_its_wandb_run_and_steps(tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
     choices = {"method": "dgl", "dataset": "synthetic"}
     first = train(_tiny_cfg([*TINY, "trainer.max_steps=2"]), tmp_path, choices, TINY)  # stops after 2 of 4 steps
+    time.sleep(1.1)  # W&B names offline folders <second>-<run id>: a resume within the same second would share one
     second = train(_tiny_cfg([*TINY, "trainer.max_epochs=2"]), tmp_path, choices, TINY)  # same folder: resumes
     assert first["global_step"] == 2 and second["resumed_from"] and second["global_step"] == 4
     stored = (tmp_path / "wandb_run_id").read_text().strip()
