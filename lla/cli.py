@@ -320,7 +320,8 @@ def multirun_summary() -> int:
     counts: dict[str, int] = {}
     for job in JOBS:
         counts[job["status"]] = counts.get(job["status"], 0) + 1
-    print(f"lla: multirun: {len(JOBS)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
+    jobs = f"{len(JOBS)} job{'s' if len(JOBS) != 1 else ''}"
+    print(f"lla: multirun: {jobs}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
     for job in JOBS:
         print(f"lla:   job {job['num']} {job['status']}: {job['line']}", flush=True)
     bad = {job["status"] for job in JOBS} - {"completed"}
