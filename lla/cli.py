@@ -5,6 +5,7 @@ Bad input ends with one line ``error: <key>: <problem>; allowed: <...>`` and exi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lla import validate  # also registers the ${lla_run_dir:...} resolver conf/config.yaml uses
+from lla import naming, validate  # validate registers the resolvers conf/config.yaml uses
 from lla.errors import ConfigError
 
 log = logging.getLogger("lla")
@@ -32,6 +33,10 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")  # resuming
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning vs newer torch
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")  # lla.engine's, on purpose
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # tiny runs
 
 
 def _git_commit() -> str | None:
@@ -43,9 +48,53 @@ def _git_commit() -> str | None:
 
 
 def run_name_from_overrides(overrides: list[str]) -> str:
-    """``method=dgl k=16`` -> ``method=dgl,k=16``: the W&B run name and the folder suffix of a sweep job."""
-    keep = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(("hydra", "logger"))]
-    return ",".join(keep) or "default"
+    """``method=dgl k=16 logger=none`` -> ``k-16_method-dgl``: the W&B run name, the folder name of a run (without
+    the settings that do not change the experiment, lla.naming)."""
+    return naming.run_name(overrides)
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """A run-folder file (results.json, config.yaml) written to a temporary name and renamed: readers, and a rerun
+    after a kill, see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def gather_ranks(values: dict[str, Any]) -> dict[str, list] | None:
+    """Every process's ``values`` (a dict of numbers) as {key: [rank 0's, rank 1's, ...]}; None in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return {key: [g.get(key) for g in gathered] for key in values}
+
+
+def combine_ranks(per_rank: dict[str, list]) -> dict[str, Any]:
+    """The run's figures from every rank's: the slowest rank's step time, the summed throughput, the highest peak."""
+    def known(key):
+        return [v for v in per_rank.get(key, []) if v is not None]
+
+    out: dict[str, Any] = {}
+    for key, combine in (("step_time_s", max), ("images_per_s", sum), ("peak_cuda_mb", max),
+                         ("peak_activation_mb", max)):
+        out[key] = combine(known(key)) if known(key) else None
+    return out
+
+
+def end_line(result: dict[str, Any]) -> str:
+    """The one line a job ends with: method (with base), dataset, best / last accuracy, modules, memory, folder."""
+    def acc(key):
+        return f"{result[key]:.4f}" if result.get(key) is not None else "n/a"
+
+    memory = (f"peak CUDA {result['peak_cuda_mb']:.0f} MB" if result.get("peak_cuda_mb")
+              else f"peak activations {result['peak_activation_mb']:.1f} MB" if result.get("peak_activation_mb")
+              else "peak memory n/a")
+    return (f"{result.get('method_label') or result.get('method')} on {result.get('dataset')}: best val/acc "
+            f"{acc('val_acc_best')}, last {acc('val_acc')}, {result.get('modules')} modules, {memory}, "
+            f"{result.get('output_dir')}")
 
 
 def finish_wandb(logger: Any, exit_code: int = 0) -> None:
@@ -91,6 +140,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
 
     from lla.callbacks import ActivationMemory, LossProgressBar, StepTimer
     from lla.checkpointing import RunLock, reliability_callbacks, resolve_resume, stop_status, trainer_plugins
+    from lla.loggers import make_logger
 
     _quiet_lightning()
     out_dir = Path(out_dir)
@@ -100,7 +150,8 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm, model = build(cfg, choices)
     method_name = choices.get("method", type(model).__name__.lower())
-    info = {"method": method_name, "backbone": cfg.backbone.get("name", choices.get("backbone")),
+    info = {"method": method_name, "method_label": naming.method_label(method_name, cfg.method),
+            "backbone": cfg.backbone.get("name", choices.get("backbone")),
             "dataset": choices.get("dataset"), **model.describe(), "seed": int(cfg.seed)}
     log.info("lla: %s on %s with %s: K=%s -> %d modules (boundaries %s)", method_name, info["dataset"],
              info["backbone"], info["k"], info["modules"], info["boundaries"])
@@ -113,18 +164,12 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         lock.release()
         return resume.finished
 
-    logger: Any = False
-    if cfg.logger and "_target_" in cfg.logger:
-        extra = {"save_dir": str(out_dir)}
-        if "Wandb" in cfg.logger._target_:
-            extra.update(name=name, job_type=method_name, group=sweep_group, dir=str(out_dir))
-        try:
-            logger = instantiate(cfg.logger, **extra)
-            if hasattr(logger, "log_hyperparams"):
-                logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "modules": info["modules"]})
-        except Exception as err:  # a logger must never stop training
-            log.warning("logger %s could not start (%s); training goes on without it", cfg.logger._target_, err)
-            logger = False
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    rank = int(getattr(rank_zero_only, "rank", 0) or 0)
+    logger = make_logger(cfg.logger if "logger" in cfg else None, out_dir, name=name, job_type=info["method_label"],
+                         group=sweep_group, resuming=resume.path is not None, rank=rank,
+                         hparams={**OmegaConf.to_container(cfg, resolve=True), "modules": info["modules"]})
 
     timer = StepTimer(warmup=int(cfg.measure.timer_warmup), read_every=int(cfg.get("progress_every", 10)))
     act = ActivationMemory(batches=int(cfg.measure.activation_batches))
@@ -148,7 +193,8 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         raise ConfigError("trainer", f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}",
                           "see conf/trainer/*.yaml and Lightning's Trainer arguments") from None
 
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=False))
+    if trainer.global_rank == 0:  # one writer per run folder
+        write_run_file(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=False))
     t0 = time.time()
     if resume.path:
         log.info("lla: resuming from %s (epoch %s, step %s)", resume.path, resume.epoch, resume.global_step)
@@ -161,6 +207,11 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     if stop is None and resume.path and "val/acc" not in trainer.callback_metrics:
         trainer.validate(model, datamodule=dm, verbose=False)  # resumed at the very end: nothing left to train
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    mine = {"step_time_s": timer.step_time_s, "images_per_s": timer.images_per_s, "peak_cuda_mb": timer.peak_cuda_mb,
+            "peak_activation_mb": act.peak_mb}
+    # every rank's figures (a collective: only when every rank finished fit, so none is missing)
+    per_rank = gather_ranks(mine) if status == "completed" else None
+    figures = combine_ranks(per_rank) if per_rank else mine
     result = {
         "status": status,  # completed | preempted | diverged (NaN/inf loss) | interrupted | failed
         "error": None if stop is None or status == "preempted" else str(stop),
@@ -172,19 +223,21 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         "val_acc_best": metrics.get("val/acc_best"),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "peak_activation_mb": act.peak_mb,
-        "peak_cuda_mb": timer.peak_cuda_mb,
+        "peak_activation_mb": figures["peak_activation_mb"],  # the highest of every rank's
+        "peak_cuda_mb": figures["peak_cuda_mb"],
         "label": cfg.get("label"),
         "choices": {g: c for g, c in choices.items() if not g.startswith("hydra/")},
-        "step_time_s": timer.step_time_s,
-        "images_per_s": timer.images_per_s,
+        "step_time_s": figures["step_time_s"],  # the slowest rank's median step
+        "images_per_s": figures["images_per_s"],  # summed over ranks
+        "per_rank": per_rank,  # {figure: [rank 0, rank 1, ...]} under DDP, else null
         "train_time_s": time.time() - t0,
         "overrides": overrides,
         "git_commit": _git_commit(),
         "output_dir": str(out_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    if trainer.global_rank == 0:  # one writer per run folder
+        write_run_file(out_dir / "results.json", json.dumps(result, indent=2, default=str))
     lock.release()
     if isinstance(stop, SIGTERMException):
         log.warning("lla: stopped by a signal at epoch %d, step %d; saved %s; rerun the same command to resume",
@@ -193,9 +246,93 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     if stop is not None:
         raise stop
     finish_wandb(logger)  # runs of a multirun stay separate
-    acc = result["val_acc_best"]
-    log.info("lla: best val/acc %s, results in %s", f"{acc:.4f}" if acc is not None else "n/a", out_dir / "results.json")
+    if trainer.global_rank == 0:
+        log.info("lla: done: %s", end_line(result))
     return result
+
+
+#: one entry per finished job of this process's multirun, for the summary at its end (:func:`multirun_summary`)
+JOBS: list[dict[str, Any]] = []
+
+
+def _task(cfg: DictConfig, hc: Any, group: str | None) -> tuple[float | None, dict[str, Any]]:
+    """Evaluate or train one configuration: (the value Hydra's sweepers read, the result)."""
+    if cfg.mode == "eval":
+        from lla.evaluate import evaluate
+
+        result = evaluate(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), dict(hc.runtime.choices))
+        return result.get("val_acc"), result
+    if cfg.mode != "train":
+        raise ConfigError("mode", f"unknown mode {cfg.mode!r}", "train, eval")
+    result = train(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), list(hc.overrides.task), group)
+    return result.get("val_acc_best"), result
+
+
+def _record_failure(out_dir: Path, status: str, reason: str, started: float, cfg: DictConfig, hc: Any) -> None:
+    """A results.json for a job that failed before training wrote its own (bad input, a crash while building)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    path = out_dir / "results.json"
+    if getattr(rank_zero_only, "rank", 0) or (path.is_file() and path.stat().st_mtime >= started):
+        return
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        config = OmegaConf.to_container(cfg, resolve=False)
+    choices = {g: c for g, c in dict(hc.runtime.choices).items() if not str(g).startswith("hydra/")}
+    result = {"status": status, "error": reason, "method": choices.get("method"), "dataset": choices.get("dataset"),
+              "backbone": choices.get("backbone"), "choices": choices, "overrides": list(hc.overrides.task),
+              "output_dir": str(out_dir), "config": config}
+    with contextlib.suppress(OSError):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_file(path, json.dumps(result, indent=2, default=str))
+
+
+def _multirun_job(cfg: DictConfig, hc: Any, group: str | None) -> float | None:
+    """One job of a multirun: a job that fails (bad input, NaN loss, a crash) is recorded in its results.json and in
+    the summary, and the sweep goes on. A signal (SIGTERM, Ctrl-C) stops the whole sweep."""
+    from lla.checkpointing import stop_status
+
+    out_dir, started, num = Path(hc.runtime.output_dir), time.time(), hc.job.num
+    try:
+        value, result = _task(cfg, hc, group)
+    except Exception as err:
+        status = stop_status(err)  # diverged (NaN/inf loss) | failed
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, ConfigError):
+            reason = f"{type(err).__name__}: {reason}" if status == "failed" else reason
+        if status == "failed" and not isinstance(err, ConfigError):
+            import traceback
+
+            traceback.print_exc()  # a real crash: its traceback, then the sweep goes on
+        _record_failure(out_dir, status, reason, started, cfg, hc)
+        print(f"error: job {num} {status}: {reason}", file=sys.stderr, flush=True)
+        JOBS.append({"num": num, "status": status, "line": f"{reason} ({out_dir})"})
+        return None
+    status = result.get("status", "completed")
+    JOBS.append({"num": num, "status": status, "line": end_line(result) if "method" in result else str(out_dir)})
+    return value
+
+
+def multirun_summary() -> int:
+    """Print one line per job of this process's multirun; the exit code: 0 when every job completed, 3 when the only
+    failures are diverged jobs (NaN/inf loss), else 1."""
+    if not JOBS:
+        return 0
+    from lla.checkpointing import EXIT_NON_FINITE
+
+    counts: dict[str, int] = {}
+    for job in JOBS:
+        counts[job["status"]] = counts.get(job["status"], 0) + 1
+    jobs = f"{len(JOBS)} job{'s' if len(JOBS) != 1 else ''}"
+    print(f"lla: multirun: {jobs}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
+    for job in JOBS:
+        print(f"lla:   job {job['num']} {job['status']}: {job['line']}", flush=True)
+    bad = {job["status"] for job in JOBS} - {"completed"}
+    JOBS.clear()
+    if not bad:
+        return 0
+    return EXIT_NON_FINITE if bad == {"diverged"} else 1
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -207,16 +344,14 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from lla.checkpointing import EXIT_NON_FINITE, EXIT_PREEMPTED, NonFiniteLossError
 
     hc = HydraConfig.get()
-    group = str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    choices = dict(hc.runtime.choices)
+    # W&B group: the experiment or sweep config's name; an ad-hoc multirun's folder; logger.group=<name> wins
+    group = choices.get("experiment") or choices.get("sweep") or (
+        str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None)
     try:
-        if cfg.mode == "eval":
-            from lla.evaluate import evaluate
-
-            return evaluate(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task),
-                            dict(hc.runtime.choices)).get("val_acc")
-        if cfg.mode != "train":
-            raise ConfigError("mode", f"unknown mode {cfg.mode!r}", "train, eval")
-        result = train(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), list(hc.overrides.task), group)
+        if hc.mode == RunMode.MULTIRUN:
+            return _multirun_job(cfg, hc, group)
+        return _task(cfg, hc, group)[0]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -225,7 +360,23 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(EXIT_NON_FINITE)
     except SIGTERMException:  # last.ckpt saved (and the job requeued on SLURM): rerun the command to resume
         sys.exit(EXIT_PREEMPTED)
-    return result.get("val_acc_best")
+
+
+def _output_folder_error(err: BaseException, argv: list[str]) -> ConfigError | None:
+    """Hydra could not create or write the run / sweep folder (a path under a file, /proc, no permission): the
+    one-line error. Errors raised inside a job (disk full while training) are not this."""
+    import traceback
+
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or any(frame.f_code is _task.__code__ for frame, _ in traceback.walk_tb(err.__traceback__)):
+        return None
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "run_dir"
+    where = cause.filename if isinstance(cause, OSError) and cause.filename else "the output folder"
+    return ConfigError(key, f"cannot write {where} ({cause.strerror or type(cause).__name__})",
+                       f"a writable folder, e.g. {key}=<path under your home or scratch disk>")
 
 
 def main() -> None:
@@ -242,7 +393,7 @@ def main() -> None:
     try:
         _hydra_main()
     except Exception as err:
-        mapped = validate.explain_hydra_error(err, argv)
+        mapped = validate.explain_hydra_error(err, argv) or _output_folder_error(err, argv)
         if mapped is None:
             raise
         print(f"error: {mapped}", file=sys.stderr)
@@ -252,6 +403,9 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+        code = multirun_summary()  # a multirun: one line per job (also when a signal stopped it)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-#: config keys that never make two runs different settings (paths, logging, the seed that the mean runs over)
-IGNORED_KEYS = re.compile(
-    r"^(seed|label|mode|ckpt_path|run_dir|resume|nan_check_every|progress_every|optim\.fused|checkpoint\..*|"
-    r"logger\..*|measure\..*|published|"
-    r"dataset\.(seed|root|download|num_workers|pin_memory|"
-    r"persistent_workers|verify_md5|eval_batch_size)|trainer\.(enable_progress_bar|log_every_n_steps|"
-    r"enable_model_summary|default_root_dir)|k_sweep\..*|auglocal_readme_depth\..*)$"
-)
+from lla.naming import is_non_experiment, method_label
+
+#: keys that never make two runs different settings: lla.naming's list (paths, logging, checkpoint cadence: the keys
+#: run-folder names leave out too), plus the seed that the mean runs over and the mode (always train in results.json)
+REPORT_ONLY_KEYS = ("seed", "dataset.seed", "mode")
+
+
+def ignored_key(key: str) -> bool:
+    return is_non_experiment(key, REPORT_ONLY_KEYS)
+
+
 DATASET_ORDER = ("cifar10", "svhn", "stl10", "imagenet")
 DATASET_NAMES = {"cifar10": "CIFAR-10", "svhn": "SVHN", "stl10": "STL-10", "imagenet": "ImageNet"}
 METHOD_ORDER = ("e2e", "dgl", "infopro", "auglocal", "man", "mlaan")
@@ -61,6 +64,8 @@ class Run:
     setting: dict[str, Any] = field(default_factory=dict)
     label: str = ""
     label_order: tuple = ()  # sorts rows of one base label by their values (0.9 before 0.99), not as text
+    status: str = "completed"
+    incomplete: str | None = None  # why the run is not a result (preempted, diverged, a one-batch debug run, ...)
 
     def acc(self, metric: str) -> float | None:
         return self.acc_best if metric == "best" else self.acc_final
@@ -92,8 +97,22 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def derived_label(method: str, method_cfg: dict) -> str:
     """``dgl+man`` for a plug-in on a base rule, else the method's name (what a bare ``method=`` run shows)."""
-    base = method_cfg.get("base")
-    return f"{base}+{method}" if base else method
+    return method_label(method, method_cfg)
+
+
+def incomplete_reason(result: dict) -> str | None:
+    """Why a results.json is not a result to report: its status (preempted, interrupted, diverged, failed) with the
+    error, a one-batch debug run (``trainer.fast_dev_run``), or no accuracy; None for a finished run."""
+    status = result.get("status") or "completed"  # results.json before statuses existed: finished runs only
+    if status not in ("completed", "finished"):
+        error = result.get("error")
+        return f"{status}: {error}" if error else status
+    trainer = (result.get("config") or {}).get("trainer") or {}
+    if trainer.get("fast_dev_run"):
+        return "debug run (trainer.fast_dev_run: one batch)"
+    if result.get("val_acc_best") is None and result.get("val_acc") is None:
+        return "no accuracy recorded"
+    return None
 
 
 def _float(x: Any) -> float | None:
@@ -105,10 +124,23 @@ def _float(x: Any) -> float | None:
 
 def load_run(path: Path) -> Run:
     r = json.loads(Path(path).read_text())
+    reason = incomplete_reason(r)
+    try:
+        run = _load_run(path, r)
+    except (TypeError, ValueError):  # a job that failed before training wrote little
+        if reason is None:
+            raise
+        run = Run(Path(path), str(r.get("method") or "?"), str(r.get("method") or "?"), str(r.get("dataset") or "?"),
+                  str(r.get("backbone") or "?"), 0, 0, 0, None, None, None, None, None, None)
+    run.status, run.incomplete = str(r.get("status") or "completed"), reason
+    return run
+
+
+def _load_run(path: Path, r: dict) -> Run:
     cfg = r.get("config") or {}
     method_cfg = cfg.get("method") or {}
     method = r.get("method") or str(method_cfg.get("_target_", "?")).rsplit(".", 1)[-1].lower()
-    setting = {k: v for k, v in flatten(cfg).items() if not IGNORED_KEYS.match(k)}
+    setting = {k: v for k, v in flatten(cfg).items() if not ignored_key(k)}
     return Run(
         path=Path(path),
         method=method,
@@ -128,10 +160,18 @@ def load_run(path: Path) -> Run:
     )
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[Run]:
-    runs = [load_run(p) for p in find_results(paths)]
+def load_runs(paths: Iterable[str | Path], include_incomplete: bool = False) -> list[Run]:
+    """The runs to report: finished ones (every run with ``include_incomplete``); see :func:`load_all`."""
+    complete, incomplete = load_all(paths)
+    runs = complete + incomplete if include_incomplete else complete
     assign_labels(runs)
     return runs
+
+
+def load_all(paths: Iterable[str | Path]) -> tuple[list[Run], list[Run]]:
+    """(finished runs, the others: preempted, interrupted, diverged, failed, one-batch debug runs)."""
+    runs = [load_run(p) for p in find_results(paths)]
+    return [r for r in runs if r.incomplete is None], [r for r in runs if r.incomplete is not None]
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -338,10 +378,13 @@ def write_summary_csv(path: Path, tables: Sequence[Table]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["table", "method", "dataset", "k", "modules", "mean", "std", "n", "memory_mb", "train_time_s"])
-        for t in tables:
-            for (row, (dataset, k)), cell in sorted(t.cells.items()):
-                w.writerow([t.key, row, dataset, k, cell.runs[0].modules, cell.mean, cell.std, cell.n,
-                            cell.memory_mb(), cell.time_s()])
+        for t in tables:  # in the table's order: rows numerically (0.9, 0.99, 0.995), columns by dataset and K
+            for row in t.rows:
+                for dataset, k in t.columns:
+                    if (cell := t.cells.get((row, (dataset, k)))) is None:
+                        continue
+                    w.writerow([t.key, row, dataset, k, cell.runs[0].modules, cell.mean, cell.std, cell.n,
+                               cell.memory_mb(), cell.time_s()])
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -401,8 +444,12 @@ def _value_ticks(ax, values: list, log: bool = False, logit: bool = False) -> No
 def plot_acc_vs_k(runs: Sequence[Run], path: Path, metric: str = "best", error: bool = False) -> Path | None:
     """One panel per (backbone, dataset): a line per method over K; E2E as a dashed reference line."""
     panels = _panels(runs)
-    if not panels:
-        return None
+    lines = defaultdict(set)  # a line per (panel, label) over K
+    for r in runs:
+        if r.modules > 1 and r.acc(metric) is not None:
+            lines[(r.backbone, r.dataset, r.label)].add(r.k)
+    if not panels or max((len(ks) for ks in lines.values()), default=0) < 2:
+        return None  # one point per line (a single K): nothing to plot against K
     plt, fig, axes = _figure(len(panels))
     ylabel = "test error %" if error else "test accuracy %"
     for ax, (backbone, dataset) in zip(axes, panels):
@@ -430,10 +477,10 @@ def plot_acc_vs_memory(runs: Sequence[Run], path: Path, metric: str = "best", er
     """Accuracy vs peak memory, one point per (method, K), one panel per (backbone, dataset)."""
     use_cuda = bool(runs) and all(r.peak_cuda_mb is not None for r in runs)
     mem = (lambda r: r.peak_cuda_mb) if use_cuda else (lambda r: r.peak_activation_mb)
-    runs = [r for r in runs if mem(r) is not None]
+    runs = [r for r in runs if mem(r) is not None and r.acc(metric) is not None]
     panels = _panels(runs)
-    if not panels:
-        return None
+    if not panels or len({(r.label, r.backbone, r.dataset, r.k) for r in runs}) < 2:
+        return None  # a single point compares nothing
     plt, fig, axes = _figure(len(panels))
     for ax, (backbone, dataset) in zip(axes, panels):
         sub = [r for r in runs if (r.backbone, r.dataset) == (backbone, dataset)]
@@ -458,6 +505,12 @@ def plot_acc_vs_ema(runs: Sequence[Run], path: Path, metric: str = "best", error
     if len({r.ema_momentum for r in runs}) < 2:  # nothing swept: no curve to draw
         return None
     assign_labels(runs, exclude=["method.ema_momentum"])  # the x axis must not split the lines
+    points = defaultdict(set)
+    for r in runs:
+        if r.acc(metric) is not None:
+            points[(r.label, r.backbone, r.dataset, r.k)].add(r.ema_momentum)
+    if max((len(ms) for ms in points.values()), default=0) < 2:
+        return None  # one point per line
     plt, fig, axes = _figure(1)
     ax = axes[0]
     for line in dict.fromkeys((r.label, r.backbone, r.dataset, r.k) for r in sorted(runs, key=_method_key)):
@@ -475,28 +528,46 @@ def plot_acc_vs_ema(runs: Sequence[Run], path: Path, metric: str = "best", error
 
 
 # ---------------------------------------------------------------------------------------------------- command
-def report(paths: Sequence[str | Path], out: str | Path = "report", metric: str = "best", error: bool = False,
-           columns: str = "auto", plots: bool = True) -> dict[str, Any]:
-    """Write tables.md, one CSV per table, summary.csv and the plots into ``out``; return what was written."""
-    runs = load_runs(paths)
+def incomplete_markdown(runs: Sequence[Run]) -> str:
+    """The runs left out of the tables, one line each: folder, status and reason."""
     if not runs:
+        return ""
+    lines = ["### Incomplete runs (not in the tables; `--all` includes them)", ""]
+    lines += [f"- `{r.path.parent}`: {r.incomplete}" for r in sorted(runs, key=lambda r: str(r.path))]
+    return "\n".join(lines) + "\n"
+
+
+def report(paths: Sequence[str | Path], out: str | Path = "report", metric: str = "best", error: bool = False,
+           columns: str = "auto", plots: bool = True, include_incomplete: bool = False) -> dict[str, Any]:
+    """Write tables.md, one CSV per table, summary.csv and the plots into ``out``; return what was written.
+
+    Only finished runs are results; the others (preempted, interrupted, diverged, failed, one-batch debug runs) are
+    listed under "Incomplete runs" instead, unless ``include_incomplete``."""
+    complete, incomplete = load_all(paths)
+    runs = complete + incomplete if include_incomplete else complete
+    left_out = [] if include_incomplete else incomplete
+    if not runs and not left_out:
         raise SystemExit(f"lla-report: no results.json under {', '.join(map(str, paths))}")
+    assign_labels(runs)
+    runs = [r for r in runs if r.acc(metric) is not None or not include_incomplete]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(runs, metric, error, columns)
-    text = markdown(tables)
+    tables = build_tables(runs, metric, error, columns) if runs else []
+    text = markdown(tables) if tables else "No finished runs.\n"
+    if left_out:
+        text += "\n" + incomplete_markdown(left_out)
     (out / "tables.md").write_text(text)
     files = [out / "tables.md", out / "summary.csv"]
     for t in tables:
         write_csv(out / f"table_{t.key}.csv", t)
         files.append(out / f"table_{t.key}.csv")
     write_summary_csv(out / "summary.csv", tables)
-    if plots:
+    if plots and runs:
         for fn, name in ((plot_acc_vs_k, "acc_vs_k.png"), (plot_acc_vs_memory, "acc_vs_memory.png"),
                          (plot_acc_vs_ema, "acc_vs_ema_momentum.png")):
             if (written := fn(runs, out / name, metric, error)) is not None:
                 files.append(written)
-    return {"runs": len(runs), "tables": tables, "markdown": text, "files": files}
+    return {"runs": len(runs), "incomplete": left_out, "tables": tables, "markdown": text, "files": files}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -509,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--columns", choices=("auto", "dataset", "k", "both"), default="auto",
                     help="table columns: datasets, K, or dataset x K (auto picks from the data)")
     ap.add_argument("--no-plots", action="store_true", help="tables only")
+    ap.add_argument("--all", action="store_true",
+                    help="also put unfinished runs (preempted, interrupted, diverged, debug) in the tables")
     ap.add_argument("--check", action="store_true", help="exit 1 if a finished row is > --margin below the paper")
     ap.add_argument("--margin", type=float, default=1.0, help="accuracy points --check allows below the paper")
     ap.add_argument("--paper", metavar="EXPERIMENT",
@@ -521,10 +594,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = report(args.dirs, args.out, args.metric, args.error, args.columns, not args.no_plots)
+    result = report(args.dirs, args.out, args.metric, args.error, args.columns, not args.no_plots, args.all)
     print(result["markdown"])
-    print(f"lla-report: {result['runs']} runs -> " + ", ".join(str(f) for f in result["files"]))
-    if report_and_check(load_runs(args.dirs), metric=args.metric, error=args.error, check=args.check,
+    extra = f" ({len(result['incomplete'])} incomplete, listed apart)" if result["incomplete"] else ""
+    print(f"lla-report: {result['runs']} runs{extra} -> " + ", ".join(str(f) for f in result["files"]))
+    if report_and_check(load_runs(args.dirs, include_incomplete=True), metric=args.metric, error=args.error, check=args.check,
                         margin=args.margin, out=args.out, experiments=paper):
         raise SystemExit(1)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,32 +26,53 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lla import naming
 from lla.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
-_MAX_NAME = 120  # longest run-folder name kept verbatim (file systems stop at 255 bytes)
 
 
 # ---------------------------------------------------------------------------------------------- run folder
-def run_name(override_dirname: str | None) -> str:
-    """``k=8,method=dgl`` -> a folder name: no path separators, bounded length, ``default`` for no overrides."""
-    name = (override_dirname or "").replace("/", "_").replace("\\", "_").strip(".") or "default"
-    if len(name) > _MAX_NAME:  # keep it readable and unique: a prefix plus a hash of the whole
-        name = f"{name[:_MAX_NAME - 11]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-    return name
+def _override_list(overrides: Any) -> list[str] | str:
+    if overrides is None or isinstance(overrides, str):
+        return overrides or []
+    return [str(o) for o in overrides]
 
 
-def run_dir(explicit: str | None, override_dirname: str | None) -> str:
-    """``hydra.run.dir``: ``run_dir=<path>`` when given, else ``outputs/<overrides>`` (Hydra sorts them, so
-    ``k=8 method=dgl`` and ``method=dgl k=8`` share a folder). Keys that do not change the experiment (``resume``,
-    ``ckpt_path``, ``logger``, ...) are left out by ``hydra.job.config.override_dirname.exclude_keys``."""
-    return str(explicit) if explicit else f"outputs/{run_name(override_dirname)}"
+def run_name(overrides: Any) -> str:
+    """A command's overrides -> its folder name (``k-8_method-dgl``; lla.naming): readable, passable back to Hydra
+    unquoted, ``default`` without overrides. Keys that do not change the experiment are left out."""
+    return naming.run_name(_override_list(overrides))
+
+
+def run_dir(explicit: str | None, overrides: Any) -> str:
+    """``hydra.run.dir``: ``run_dir=<path>`` when given, else ``outputs/<run name>`` (sorted, so ``k=8 method=dgl``
+    and ``method=dgl k=8`` share a folder). A folder the same command created under the old ``k=8,method=dgl``
+    naming is used when it exists and the new one does not, so an old run still resumes."""
+    if explicit:
+        return str(explicit)
+    items = _override_list(overrides)
+    if isinstance(items, str):
+        return f"outputs/{run_name(items)}"
+    return naming.existing_folder(f"outputs/{run_name(items)}", f"outputs/{naming.legacy_run_name(items)}")
+
+
+def job_subdir(num: Any, overrides: Any, sweep_dir: Any = None) -> str:
+    """``hydra.sweep.subdir``: ``<job number>_<run name>`` (the old naming's folder when only that one exists)."""
+    items = _override_list(overrides)
+    new = f"{num}_{run_name(items)}"
+    if sweep_dir is None or isinstance(items, str):
+        return new
+    old = f"{num}_{naming.legacy_run_name(items)}"
+    return Path(naming.existing_folder(str(Path(str(sweep_dir)) / new), str(Path(str(sweep_dir)) / old))).name
 
 
 def register_resolvers() -> None:
-    """``${lla_run_dir:...}`` / ``${lla_run_name:...}`` for conf/config.yaml; any process that composes imports us."""
+    """``${lla_run_dir:...}`` / ``${lla_job_subdir:...}`` / ``${lla_run_name:...}`` for conf/config.yaml; any
+    process that composes imports us."""
     OmegaConf.register_new_resolver("lla_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("lla_job_subdir", job_subdir, replace=True)
     OmegaConf.register_new_resolver("lla_run_name", run_name, replace=True)
 
 
@@ -116,9 +136,19 @@ def _parse(overrides: Sequence[str]) -> list:
             parsed.extend(parser.parse_overrides([text]))
         except OverrideParseException as err:
             key = text.split("=", 1)[0].lstrip("+~") or text
-            raise ConfigError(key, f"cannot parse {text!r} ({_first_line(err)})",
-                              "key=value, e.g. k=8; quote values that hold spaces or brackets") from None
+            raise ConfigError(key, f"cannot parse {text!r} ({_first_line(err)})", quoting_hint(text)) from None
     return parsed
+
+
+def quoting_hint(text: str) -> str:
+    """How to pass ``text`` to Hydra: a value holding ``= , : [ ] { } ( )``, quotes or spaces goes in double quotes
+    for Hydra, inside single quotes for the shell (folders lla creates never need this)."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not value:
+        return "key=value, e.g. k=8"
+    inner = value.strip("'\"").replace("\\", "\\\\").replace('"', '\\"')
+    return (f"key=value, e.g. k=8; quote a value that holds = , : [ ] {{ }} ( ) or spaces, double quotes for Hydra "
+            f"inside single quotes for the shell: '{key}=\"{inner}\"'")
 
 
 def _values(override) -> list[str]:

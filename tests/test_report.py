@@ -112,12 +112,80 @@ def test_report_writes_markdown_csv_and_plots(runs_dir, tmp_path, capsys):
         assert data.startswith(PNG) and len(data) > 5_000, name
 
 
-def test_no_ema_plot_without_an_ema_sweep(tmp_path):
+def test_no_plot_with_one_point_per_line(tmp_path):
+    """One K per method: no acc-vs-K plot; one momentum: no EMA plot; two methods still make a memory plot."""
     write_result(tmp_path / "r", "a", method="dgl", acc=0.9)
     write_result(tmp_path / "r", "b", method="man", acc=0.9, method_opts={"base": "dgl", "ema_momentum": 0.995})
     result = report([tmp_path / "r"], tmp_path / "out")
     names = {Path(f).name for f in result["files"]}
-    assert {"acc_vs_k.png", "acc_vs_memory.png"} <= names and "acc_vs_ema_momentum.png" not in names
+    assert "acc_vs_memory.png" in names
+    assert "acc_vs_k.png" not in names and "acc_vs_ema_momentum.png" not in names
+    assert not (tmp_path / "out" / "acc_vs_k.png").exists()
+    write_result(tmp_path / "r", "c", method="dgl", acc=0.8, k=8)  # a second K for one line: now worth a plot
+    assert "acc_vs_k.png" in {Path(f).name for f in report([tmp_path / "r"], tmp_path / "out2")["files"]}
+
+
+def test_summary_sorts_numeric_values_numerically(tmp_path):
+    for m in (0.995, 0.9, 0.999, 0.99, 0.998):
+        write_result(tmp_path / "r", f"m{m}", method="man", acc=m - 0.1, method_opts={"base": "dgl", "ema_momentum": m})
+    report([tmp_path / "r"], tmp_path / "out", plots=False)
+    with open(tmp_path / "out" / "summary.csv") as f:
+        methods = [r["method"] for r in csv.DictReader(f)]
+    assert methods == [f"dgl+man [ema_momentum={m}]" for m in ("0.9", "0.99", "0.995", "0.998", "0.999")]
+
+
+def _with_status(folder: Path, status: str, **changes) -> Path:
+    path = folder / "results.json"
+    result = json.loads(path.read_text())
+    result.update(status=status, **changes)
+    path.write_text(json.dumps(result))
+    return folder
+
+
+def test_only_finished_runs_are_results_the_others_are_listed_apart(tmp_path, capsys):
+    root = tmp_path / "r"
+    write_result(root, "done0", method="dgl", acc=0.90)
+    _with_status(write_result(root, "done1", method="dgl", acc=0.92, seed=1), "completed")
+    _with_status(write_result(root, "stopped", method="dgl", acc=0.10, seed=2), "preempted")
+    _with_status(write_result(root, "ctrlc", method="dgl", acc=0.20, seed=3), "interrupted", error="KeyboardInterrupt")
+    _with_status(write_result(root, "nan", method="dgl", acc=0.30, seed=4), "diverged",
+                 error="non-finite loss (nan) in method dgl, module 1")
+    debug = write_result(root, "debug", method="dgl", acc=0.05, seed=5)
+    result = json.loads((debug / "results.json").read_text())
+    result["config"]["trainer"]["fast_dev_run"] = True
+    (debug / "results.json").write_text(json.dumps(result))
+    (root / "failed").mkdir()  # a job that failed before training: a short results.json
+    (root / "failed" / "results.json").write_text(json.dumps(
+        {"status": "failed", "error": "k: resnet20 has 10 layers", "method": "dgl", "dataset": "cifar10",
+         "config": {"k": 999}}))
+
+    main([str(root), "--out", str(tmp_path / "out"), "--no-plots"])
+    printed = capsys.readouterr().out
+    rows = {r[0]: r[1:] for r in _md_rows(printed)}
+    assert rows == {"dgl": ["91.00 ± 1.41 (n=2)"]}  # the two finished seeds only
+    incomplete = printed[printed.index("Incomplete runs"):]
+    for name, why in (("stopped", "preempted"), ("ctrlc", "interrupted: KeyboardInterrupt"),
+                      ("nan", "diverged: non-finite loss"), ("debug", "debug run"), ("failed", "failed: k: resnet20")):
+        assert f"{root / name}`: {why}" in incomplete, name
+    assert "5 incomplete" in printed
+    everything = report([root], tmp_path / "all", plots=False, include_incomplete=True)
+    assert everything["runs"] == 6 and not everything["incomplete"]  # --all: every run with an accuracy
+
+
+def test_runs_with_different_settings_never_share_a_row(tmp_path):
+    """A setting that changes the experiment splits the row; one that does not (logging, paths) does not."""
+    a = write_result(tmp_path, "a", method="dgl", acc=0.90)
+    b = write_result(tmp_path, "b", method="dgl", acc=0.80, seed=1)
+    c = write_result(tmp_path, "c", method="dgl", acc=0.70, seed=2)
+    for folder, changes in ((b, {"dataset": {"image_size": 24}}), (c, {"logger": {"offline": False, "group": "x"},
+                                                                       "checkpoint": {"every_n_steps": 7}})):
+        result = json.loads((folder / "results.json").read_text())
+        for key, value in changes.items():
+            result["config"].setdefault(key, {}).update(value)
+        (folder / "results.json").write_text(json.dumps(result))
+    rows = {r[0]: r[1:] for r in _md_rows(markdown(build_tables(load_runs([tmp_path]))))}
+    assert rows == {"dgl [dataset.image_size=None]": ["80.00 ± 14.14 (n=2)"], "dgl [dataset.image_size=24]": ["80.00"]}
+    assert a.is_dir()
 
 
 def test_no_results_is_an_error(tmp_path):
