@@ -23,7 +23,6 @@ points below the paper's.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -143,24 +142,18 @@ def experiment_file(name: str) -> Path:
     return path
 
 
-def _status(run: Any) -> str | None:
-    try:
-        return json.loads(Path(run.path).read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------------- matching
 def compare(runs: Iterable[Any], published: Sequence[Published], metric: str = "best") -> list[Comparison]:
     """Report rows (label, backbone, dataset, K; ``runs`` are ``lla.report.Run``) with their published values.
 
-    A run without a ``status`` (results.json from before it existed) counts as completed."""
+    A run counts when lla-report holds it complete (``Run.incomplete`` is None: status completed, or no status in a
+    results.json from before it existed, and not a one-batch debug run)."""
     groups: dict[tuple, list[Any]] = defaultdict(list)
     for run in runs:
         groups[(run.base_label, run.backbone, run.dataset, run.k)].append(run)
     out = []
     for (label, backbone, dataset, k), group in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        done = [r for r in group if _status(r) in (None, "completed") and r.acc(metric) is not None]
+        done = [r for r in group if getattr(r, "incomplete", None) is None and r.acc(metric) is not None]
         settings = [getattr(r, "setting", None) or {} for r in group]
         match = next((p for p in published if p.matches(label, backbone, dataset, k, settings)), None)
         out.append(Comparison(label, backbone, dataset, k, [100.0 * r.acc(metric) for r in done], match,

@@ -55,7 +55,7 @@ def test_rows_show_mean_std_paper_diff_and_seeds(tmp_path, experiments, capsys):
     result(runs, "ip0", method="infopro", label="InfoPro", k=4, seed=0, acc=0.89)
     result(runs, "ip1", method="infopro", label="InfoPro", k=4, seed=1, acc=0.91)
     result(runs, "e2e", method="e2e", label="E2E", k=1, acc=0.94)
-    rows = {r.label: r for r in compare(load_runs([runs]), load_published(experiments))}
+    rows = {r.label: r for r in compare(load_runs([runs], include_incomplete=True), load_published(experiments))}
     assert rows["InfoPro"].mean == pytest.approx(90.0) and rows["InfoPro"].n == 2
     assert rows["InfoPro"].std == pytest.approx(1.4142, abs=1e-4)
     assert rows["InfoPro"].published.accuracy == 90.0 and rows["InfoPro"].diff == pytest.approx(0.0)
@@ -88,13 +88,13 @@ def test_check_passes_finished_rows_within_the_margin_and_ignores_unfinished_one
     result(runs, "dgl", method="dgl", label="DGL", k=4, acc=0.50, status="preempted")  # far below, not finished
     result(runs, "dgl2", method="dgl", label="DGL", k=4, seed=1, acc=0.40, status="diverged")
     assert run_report(runs, experiments, "--check") == 0
-    rows = {r.label: r for r in compare(load_runs([runs]), load_published(experiments))}
+    rows = {r.label: r for r in compare(load_runs([runs], include_incomplete=True), load_published(experiments))}
     assert not rows["DGL"].finished and rows["DGL"].unfinished == 2
     assert "| DGL | resnet32 | cifar10 | 4 | unfinished | 88.00 |  | 0 |" in markdown(list(rows.values()))
     # a finished seed next to an unfinished one: the row counts, with the finished seed only
     result(runs, "dgl3", method="dgl", label="DGL", k=4, seed=2, acc=0.86)
     assert run_report(runs, experiments, "--check") == 1
-    rows = {r.label: r for r in compare(load_runs([runs]), load_published(experiments))}
+    rows = {r.label: r for r in compare(load_runs([runs], include_incomplete=True), load_published(experiments))}
     assert (rows["DGL"].n, rows["DGL"].mean) == (1, pytest.approx(86.0))
 
 
