@@ -78,6 +78,36 @@ def broadcast_module_states(module: nn.Module, src: int = 0, buffers_only: bool 
 
 
 # ---------------------------------------------------------------------------------------------------- grad sync
+def _memory_order(t: Tensor) -> list[int]:
+    """The dimension order in which ``t``'s elements lie in memory (outermost first): NCHW -> [0, 1, 2, 3], NHWC
+    (channels_last) -> [0, 2, 3, 1]. ``t.permute(order)`` is then a contiguous view when ``t`` is dense."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def flatten_like_params(params: list[nn.Parameter]) -> Tensor:
+    """One flat tensor of the parameters' gradients, each laid out in *its parameter's* memory order."""
+    return torch.cat([p.grad.permute(_memory_order(p)).reshape(-1) for p in params])
+
+
+def unflatten_like_params(flat: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """Views of ``flat`` (from :func:`flatten_like_params`) with each parameter's shape *and strides*.
+
+    The optimizers need a gradient laid out like its weight: the fused SGD kernel walks both as flat arrays, so a
+    contiguous gradient of a channels_last weight would add gradient element i to weight element j. Views keep the
+    gradient memory single (the bucket is the only copy); a parameter that is not dense gets a copy."""
+    out, offset = [], 0
+    for p in params:
+        n = p.numel()
+        order = _memory_order(p)
+        chunk = flat[offset:offset + n].view([p.shape[d] for d in order]).permute(
+            sorted(range(p.dim()), key=order.__getitem__))
+        if chunk.stride() != p.stride():  # overlapping or gapped parameter storage: no view can match it
+            chunk = torch.empty_like(p).copy_(chunk)
+        out.append(chunk)
+        offset += n
+    return out
+
+
 def _buckets(params: list[nn.Parameter], cap_bytes: int) -> Iterator[list[nn.Parameter]]:
     """Consecutive runs of same-(device, dtype) parameters, each at most ``cap_bytes`` of gradient (or one tensor)."""
     bucket: list[nn.Parameter] = []
@@ -98,8 +128,9 @@ class ModuleGradSync:
     """Averages one local module's gradients across ranks: flatten into buckets, async all-reduce, unflatten.
 
     ``launch(model, j)`` starts module j's all-reduce and returns at once; ``wait(model, j)`` blocks until it is done
-    and puts the averaged gradients back in ``p.grad`` (views of the reduced bucket). While in flight, the module's
-    ``p.grad`` are None: the bucket is the only copy, so gradient memory is not doubled.
+    and puts the averaged gradients back in ``p.grad``: views of the reduced bucket with their parameters' strides
+    (each gradient is flattened in its weight's memory order, so channels_last weights get channels_last gradients).
+    While in flight, the module's ``p.grad`` are None: the bucket is the only copy, so gradient memory is not doubled.
 
     Assumes every rank back-propagates through the same parameters (true for every method here: the graphs do not
     depend on the data), so the buckets line up across ranks.
@@ -125,7 +156,7 @@ class ModuleGradSync:
         params = [p for p in self.module_params(model, j) if p.grad is not None]
         for bucket in _buckets(params, self.cap_bytes):
             # pre-divide: SUM of grad/W is the mean (gloo has no AVG op); /2, /4, /8 are exact in floating point
-            flat = _flatten_dense_tensors([p.grad for p in bucket]).div_(self.world_size)
+            flat = flatten_like_params(bucket).div_(self.world_size)
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             for p in bucket:
                 p.grad = None
@@ -138,7 +169,7 @@ class ModuleGradSync:
             self.launch(model, j)
         for bucket, flat, work in self._pending.pop(j):
             work.wait()  # CUDA: the compute stream waits for the NCCL stream; the host does not block
-            for p, g in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for p, g in zip(bucket, unflatten_like_params(flat, bucket)):
                 p.grad = g
 
     @property
