@@ -20,13 +20,16 @@ lla.distributed --bench 2``).
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
@@ -39,6 +42,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -279,6 +283,84 @@ def _is_comm_error(err: BaseException) -> bool:
         "Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "Broken pipe", "timed out"))
 
 
+#: set by a launching rank 0 for the ranks it starts (popen): their parent's pid
+_LAUNCHER_PID_ENV = "LLA_LAUNCHER_PID"
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent (the launching rank 0) dies, however it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        return
+    if os.getppid() != int(os.environ.get(_LAUNCHER_PID_ENV, "0")):  # it died before prctl took effect
+        os._exit(1)
+
+
+class LocalLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher (rank 0 re-runs the command once per other local rank), such that no process of
+    the run outlives it:
+
+    * each started rank is killed by the kernel as soon as rank 0's process ends, however it ends (kill -9, a
+      second Ctrl-C): a rank whose peer is gone would otherwise wait in a collective for the whole timeout;
+    * rank 0 waits for its ranks before it exits (and kills the ones still running after ``reap_timeout_s``);
+    * a rank that fails (an exit code other than 0 or a signal stop's 143 / 130) gets the other ranks killed, and
+      rank 0 too if it has not ended ``grace_s`` later (as Lightning's launcher does at once, before rank 0 could
+      record the failure). A rank that stopped on a signal is not a failure: all ranks stop after the same batch
+      (lla.checkpointing.Preemption) and rank 0 may still be saving; Lightning's launcher would kill it.
+    """
+
+    reap_timeout_s = 60.0
+    poll_s = 1.0
+    grace_s = 30.0
+
+    def launch(self, function: Callable, *args: Any, trainer=None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
+            self._call_children_scripts()
+            atexit.register(self.reap)
+            threading.Thread(target=self._watch, name="lla-rank-watch", daemon=True).start()
+        elif os.environ.get(_LAUNCHER_PID_ENV) == str(os.getppid()):
+            _die_with_parent()
+        if self.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:  # as Lightning's launcher does
+            threads = max(1, (os.cpu_count() or 1) // self.num_processes)
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        return function(*args, **kwargs)
+
+    def _watch(self) -> None:
+        from lla.checkpointing import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+        procs = list(self.procs)
+        while procs:
+            time.sleep(self.poll_s)
+            for p in [p for p in procs if p.poll() is not None]:
+                procs.remove(p)
+                if p.returncode not in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED):
+                    self.kill(signal.SIGKILL)
+                    # rank 0 usually fails on its own at once (gloo: connection closed) and records the failure;
+                    # an NCCL collective would wait for the whole timeout instead
+                    time.sleep(self.grace_s)
+                    print(f"lla: rank pid {p.pid} exited with code {p.returncode} {self.grace_s:.0f} s ago and "
+                          "this process is still running: killing it", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    def reap(self) -> None:
+        """At rank 0's exit: wait for the other ranks, kill the ones still running after ``reap_timeout_s``."""
+        deadline = time.monotonic() + self.reap_timeout_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 class LocalDDPStrategy(DDPStrategy):
     """DDP processes and samplers without the DDP wrapper; gradients are averaged per local module by the engine.
 
@@ -310,6 +392,11 @@ class LocalDDPStrategy(DDPStrategy):
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.grad_sync: ModuleGradSync | None = None
 
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            self._launcher = LocalLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
     def setup(self, trainer) -> None:
         # torch's SyncBatchNorm raises on CPU; swap in the portable one so trainer.sync_batchnorm=true still works
         if isinstance(self._layer_sync, TorchSyncBatchNorm) and self.root_device.type not in _TORCH_SYNC_BN_DEVICES:
@@ -337,8 +424,8 @@ class LocalDDPStrategy(DDPStrategy):
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
-        if isinstance(exception, KeyboardInterrupt):
-            return
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return  # a stop every rank agreed on (lla.checkpointing.Preemption): each rank saves and exits itself
         try:
             rank, world = self.global_rank, self.world_size
         except Exception:  # failed before the ranks were known
