@@ -180,7 +180,8 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         "output_dir": str(out_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    if trainer.is_global_zero:  # two ranks writing one file at once can interleave it
+        (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
     lock.release()
     if isinstance(stop, SIGTERMException):  # a signal stopped every rank after the same batch
         line = preemption.finish(stop, trainer, last_ckpt)  # exit code 143 (130: Ctrl-C); requeue on SLURM
