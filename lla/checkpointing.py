@@ -422,6 +422,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
+            if self.saved_step == trainer.global_step and self.saved_path == str(self.path):
+                return  # this batch's periodic save (or the epoch end's) already holds the state: write it once
             try:
                 self.save(trainer, pl_module)
             except NonFiniteLossError as err:  # keep the last good one
