@@ -27,7 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lla.backbones import build_backbone
-from lla.distributed import AllReduceBatchNorm, AllReduceSyncBatchNorm, LocalDDPStrategy, spawn
+from lla.bench.ddp import spawn
+from lla.distributed import AllReduceBatchNorm, AllReduceSyncBatchNorm, LocalDDPStrategy
 from lla.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
