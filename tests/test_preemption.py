@@ -218,3 +218,48 @@ def test_ctrl_c_saves_says_so_and_a_second_ctrl_c_quits_at_once(tmp_path):
     assert f"resuming from {run.last} (epoch 0, step {step})" in run.output()
     assert json.loads((run.folder / "results.json").read_text())["global_step"] == STEPS
     assert not (run.folder / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the agreement
+def _signal_worker(rank: int, world: int, out: str, signal_rank: int, at_step: int) -> None:
+    import lightning as L
+    import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lla.backbones import build_backbone
+    from lla.checkpointing import Preemption
+    from lla.distributed import LocalDDPStrategy
+    from lla.methods.dgl import DGL
+
+    class SignalAt(L.Callback):  # a signal arriving while batch `at_step` trains, on one rank only
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == signal_rank and trainer.global_step == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    torch.set_num_threads(1)
+    model = DGL(build_backbone("resnet20", 10), k=2, num_classes=10, image_size=8,
+                optim={"lr": 0.02, "schedule": "constant", "warmup_epochs": 0})
+    data = TensorDataset(torch.randn(40 * 4 * world, 3, 8, 8), torch.randint(0, 10, (40 * 4 * world,)))
+    preemption = Preemption()
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=LocalDDPStrategy() if world > 1 else "auto",
+                        max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[SignalAt(), preemption])
+    try:
+        trainer.fit(model, DataLoader(data, batch_size=4))
+        stopped = None
+    except SIGTERMException:
+        stopped = preemption.stopped_by
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"step": trainer.global_step, "stopped": stopped}))
+
+
+@pytest.mark.parametrize("world,signal_rank", [(1, 0), (2, 0), (2, 1)])
+def test_every_rank_stops_after_the_same_batch(tmp_path, world, signal_rank):
+    """The signal arrives during batch 5 (global_step 5 -> 6) on one rank. One process stops after that batch; two
+    processes agree on it at the next batch end and both stop after batch 6, whichever rank got it."""
+    from lla.bench.ddp import spawn
+
+    spawn(_signal_worker, world, (str(tmp_path), signal_rank, 5), timeout_s=120, threads=1)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    expected = 6 if world == 1 else 7
+    assert results == [{"step": expected, "stopped": "preempted"}] * world
