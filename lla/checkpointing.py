@@ -3,7 +3,8 @@
 What a run folder holds and when it is written (DESIGN.md "Properties to keep": nothing a user needs is lost):
 
 * ``checkpoints/last.ckpt``: every ``checkpoint.every_n_steps`` optimizer steps, at every epoch end, and when SIGTERM
-  (or SLURM's / submitit's SIGUSR1 / SIGUSR2) stops the run. A kill -9 loses at most N steps.
+  (or SLURM's / submitit's SIGUSR1 / SIGUSR2, or Ctrl-C's SIGINT) stops the run (:class:`Preemption`: every rank
+  stops after the same batch). A kill -9 loses at most N steps.
 * ``checkpoints/best.ckpt``: the epoch with the best ``val/acc`` (Lightning's ModelCheckpoint).
 
 Every file is written to a temporary name in the same folder, fsync'ed, then renamed over the old one
@@ -26,6 +27,7 @@ worker processes, out of a checkpoint's reach).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -55,18 +57,19 @@ LAST = "last.ckpt"
 #: ``python run.py`` exit codes besides 0 (done), 1 (crash) and 2 (bad input, lla.errors.ConfigError)
 EXIT_NON_FINITE = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM: not done, rerun to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C after saving; rerun to resume
 
 
 class NonFiniteLossError(RuntimeError):
     """A module's loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
-def stop_status(err: BaseException | None) -> str:
-    """The ``status`` results.json records for how ``trainer.fit`` ended."""
+def stop_status(err: BaseException | None, stopped_by: str | None = None) -> str:
+    """The ``status`` results.json records for how ``trainer.fit`` ended (``stopped_by``: :class:`Preemption`'s)."""
     if err is None:
         return "completed"
     if isinstance(err, SIGTERMException):
-        return "preempted"
+        return stopped_by or "preempted"
     if isinstance(err, NonFiniteLossError):
         return "diverged"
     return "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
@@ -174,7 +177,11 @@ def resolve_resume(ckpt_path: str | None, resume: bool, out_dir: str | Path, tra
 
 class RunLock:
     """An exclusive ``flock`` on ``<run dir>/.lock`` while a run trains there (global rank 0 only): two processes
-    never write one run folder, e.g. the same command started twice. The kernel drops the lock if the process dies."""
+    never write one run folder, e.g. the same command started twice. The file holds the owner's pid.
+
+    :meth:`release` (also at interpreter exit) deletes the file, so a folder with a ``.lock`` is one in use or one
+    whose run was killed. A file left by a killed run does not block the rerun: the kernel dropped its lock with
+    the process, and the next run locks the same file again."""
 
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / ".lock"
@@ -188,30 +195,42 @@ class RunLock:
         if rank_zero_only.rank != 0:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "?"
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "?"
+                f.close()
+                raise ConfigError("run_dir", f"{self.path.parent} is in use by another run (pid {owner})",
+                                  "wait for it to finish, or give this run its own folder: run_dir=<path>") from None
+            except OSError as err:  # file systems without flock: run unlocked rather than not at all
+                log.warning("lla: cannot lock %s (%s); make sure no other run uses this folder", self.path, err)
+                f.close()
+                return self
+            try:  # the holder we waited for may have deleted the file meanwhile: then lock the new one
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             f.close()
-            raise ConfigError("run_dir", f"{self.path.parent} is in use by another run (pid {owner})",
-                              "wait for it to finish, or give this run its own folder: run_dir=<path>") from None
-        except OSError as err:  # file systems without flock: run unlocked rather than not at all
-            log.warning("lla: cannot lock %s (%s); make sure no other run uses this folder", self.path, err)
-            f.close()
-            return self
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         self._file = f
+        atexit.register(self.release)
         return self
 
     def release(self) -> None:
         if self._file is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # while still locked: nobody can hold a lock on it in between
             self._file.close()  # closing drops the flock
             self._file = None
+            atexit.unregister(self.release)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -376,9 +395,9 @@ class NonFiniteLossCheck(L.Callback):
 
 # ---------------------------------------------------------------------------------------------- last.ckpt
 class LastCheckpoint(Checkpoint):
-    """``checkpoints/last.ckpt`` every ``every_n_steps`` optimizer steps, at every epoch end, and when SIGTERM stops
-    the run (Lightning raises SIGTERMException at the next batch boundary on every rank; the state is then that of a
-    finished batch). ``guard`` runs before each write (the NaN check)."""
+    """``checkpoints/last.ckpt`` every ``every_n_steps`` optimizer steps, at every epoch end, and when a signal stops
+    the run (:class:`Preemption` makes Lightning raise SIGTERMException after the same batch on every rank; the state
+    is then that of a finished batch). ``guard`` runs before each write (the NaN check)."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int = 0, guard: Callable[[Any, Any], None] | None = None):
         self.path = Path(dirpath) / LAST
@@ -405,6 +424,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
+            if self.saved_step == trainer.global_step and self.saved_path == str(self.path):
+                return  # this batch's periodic save (or the epoch end's) already holds the state: write it once
             try:
                 self.save(trainer, pl_module)
             except NonFiniteLossError as err:  # keep the last good one
@@ -412,48 +433,163 @@ class LastCheckpoint(Checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- preemption
-class Preemption(L.Callback):
-    """SIGUSR1 / SIGUSR2 (SLURM ``--signal``, submitit's ``signal_delay_s``: the job ends soon) stop the run the way
-    SIGTERM does, so every rank stops after the same batch and :class:`LastCheckpoint` saves; :meth:`requeue` then
-    hands the job back to the scheduler. Lightning's own SLURM handler saves from inside the signal handler, possibly
-    halfway through a step, so :func:`trainer_plugins` turns it off."""
+def _on_main_thread() -> bool:
+    import threading
 
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+    return threading.current_thread() is threading.main_thread()
+
+
+class Preemption(L.Callback):
+    """Stops the run after a whole batch, on every rank after the same one, when any process of it receives SIGTERM,
+    SIGUSR1 / SIGUSR2 (SLURM ``--signal``, submitit's ``signal_delay_s``: the job ends soon) or SIGINT (Ctrl-C); then
+    :class:`LastCheckpoint` saves, results.json says ``preempted`` (``interrupted`` for Ctrl-C), and after a requeue
+    signal :meth:`requeue` hands the job back to the scheduler.
+
+    The signal handlers only record the signal. The stop is decided at batch ends: in one process at once; with
+    several, each rank's flag goes into an all-reduce (MAX) of a small CPU tensor on a gloo side group, launched
+    without waiting at the end of batch t and read at the end of batch t+1. Every rank reads the same result, so all
+    stop after the same batch, and nothing waits for the GPU. This replaces Lightning's SIGTERM handling, which
+    broadcasts from inside the signal handler (pairing with whatever collective another rank is in, e.g. a module's
+    gradient all-reduce: the job hangs until the collective timeout) and broadcasts and reads a flag on the host at
+    every batch. Lightning's SLURM handler, which saves from inside the handler halfway through a step, is turned off
+    by :func:`trainer_plugins`.
+
+    A second Ctrl-C ends the process at once (SIGINT's default action), without saving.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+                    if hasattr(signal, name))
+    REQUEUE_SIGNALS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+    PREEMPT, INTERRUPT = 1, 2  # stop codes; the ranks agree on the largest one
 
     def __init__(self):
-        self.signal: int | None = None
+        self.signal: int | None = None  # the requeue signal this process received, if any
+        self.stopped_by: str | None = None  # "preempted" | "interrupted" once the ranks agreed to stop
+        self._code = 0  # this process's stop request
         self._previous: dict[int, Any] = {}
+        self._installed = False
+        self._group = None
+        self._pending: tuple[torch.Tensor, Any] | None = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        import threading
+    # -- signal handlers ------------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # the handlers from before the fit: Lightning installs its own after this hook, and we take over from those
+        if stage == "fit" and _on_main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        self.signal, self.stopped_by, self._code = None, None, 0
 
-        if threading.current_thread() is not threading.main_thread():
+    def _install(self, trainer) -> None:
+        if self._installed or not _on_main_thread():
             return
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.getsignal(sig)
+            self._previous.setdefault(sig, signal.getsignal(sig))
             signal.signal(sig, self._handle)
+        self._installed = True
+        # Lightning broadcasts its SIGTERM flag from rank 0 and reads it on the host before every batch under DDP;
+        # the stop is agreed in on_train_batch_end instead (and its flag is only set once all ranks agreed).
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def _handle(self, signum, frame) -> None:
-        log.warning("lla: received %s: saving at the next batch boundary, then requeueing",
-                    signal.Signals(signum).name)
-        self.signal = signum
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM path: synchronised stop on every rank
+        """Only records the signal: no logging, no collective, no I/O inside a signal handler."""
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+            self._code = max(self._code, self.INTERRUPT)
+        else:
+            self._code = max(self._code, self.PREEMPT)
+        if signum in self.REQUEUE_SIGNALS:
+            self.signal = signum
+
+    def restore(self, keep_sigint_default: bool = False) -> None:
+        """Put back the handlers that were there before the fit (idempotent)."""
+        for sig, handler in self._previous.items():
+            if keep_sigint_default and sig == signal.SIGINT:
+                continue
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._installed = False
+
+    # -- the collective decision --------------------------------------------------------------------------------
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+        self._pending = None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # CPU tensors on their own group: never queued behind (or paired with) the gradient all-reduces
+            self._group = torch.distributed.new_group(backend="gloo")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        code = self._agree()
+        if code and self.stopped_by is None:
+            self.stopped_by = "interrupted" if code >= self.INTERRUPT else "preempted"
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None and hasattr(connector, "received_sigterm"):
+                # Lightning's own stop: SIGTERMException once this batch is fully accounted for (same on all ranks)
+                connector.received_sigterm = True
+            else:
+                raise SIGTERMException()
+
+    def _agree(self) -> int:
+        """The stop code all ranks agree on at this batch end (one process: its own, at once)."""
+        if self._group is None:
+            return self._code
+        agreed = 0
+        if self._pending is not None:
+            flags, work = self._pending
+            work.wait()  # launched a whole batch ago: done by now; a CPU tensor, so no device sync
+            agreed = int(flags[0])
+            self._pending = None
+        if not agreed:
+            flags = torch.tensor([self._code], dtype=torch.int32)
+            work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group,
+                                                async_op=True)
+            self._pending = (flags, work)
+        return agreed
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._pending is not None:  # every rank launched the same rounds: the last one completes on all
+            self._pending[1].wait()
+            self._pending = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._pending = None  # a failed peer may never join it: do not wait
+        # back to the handlers from before the fit, except that after a Ctrl-C a second one still quits at once
+        self.restore(keep_sigint_default=self._code >= self.INTERRUPT)
+        self._drop_group()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.restore()
+        self._drop_group()
 
-    def restore(self) -> None:
-        """Put back the handlers that were there before the run (idempotent)."""
-        for sig, handler in self._previous.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            with contextlib.suppress(Exception):
+                torch.distributed.destroy_process_group(self._group)
+            self._group = None
+
+    def finish(self, stop: SIGTERMException, trainer, last: LastCheckpoint) -> str:
+        """After the ranks stopped: set the exit code on ``stop`` (143, or 130 after Ctrl-C), hand a requeue
+        signal's job back (:meth:`requeue`), and return the one line to print (what was saved, how to go on)."""
+        status = self.stopped_by or "preempted"
+        stop.code = EXIT_INTERRUPTED if status == "interrupted" else EXIT_PREEMPTED
+        requeued = self.requeue()
+        if last.saved_path and last.saved_step == trainer.global_step:
+            saved = f"saved {last.saved_path} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        else:
+            saved = f"nothing saved at step {trainer.global_step} (last checkpoint: {last.saved_path or 'none'})"
+        how = "Ctrl-C" if status == "interrupted" else "a stop signal"
+        return (f"lla: {status} by {how}: {saved}; rerun the same command to resume"
+                + (f" ({requeued})" if requeued else ""))
 
     def requeue(self) -> str | None:
         """After the run stopped on a requeue signal: give the job back (global rank 0). Returns what was done.
 
         A previous handler of that signal (submitit's) is called: it requeues and exits. Otherwise on SLURM:
         ``scontrol requeue <job>``."""
-        self.restore()
+        self.restore(keep_sigint_default=self._code >= self.INTERRUPT)
         if self.signal is None or rank_zero_only.rank != 0:
             return None
         previous = self._previous.get(self.signal)

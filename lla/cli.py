@@ -202,7 +202,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=resume.path)
     except BaseException as err:  # results.json is still written; the error is raised again below
-        status, stop = stop_status(err), err
+        status, stop = stop_status(err, preemption.stopped_by), err
         finish_wandb(logger, exit_code=1)  # a failed job must not leave its run open for the next one
     if stop is None and resume.path and "val/acc" not in trainer.callback_metrics:
         trainer.validate(model, datamodule=dm, verbose=False)  # resumed at the very end: nothing left to train
@@ -214,7 +214,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     figures = combine_ranks(per_rank) if per_rank else mine
     result = {
         "status": status,  # completed | preempted | diverged (NaN/inf loss) | interrupted | failed
-        "error": None if stop is None or status == "preempted" else str(stop),
+        "error": None if stop is None or status in ("preempted", "interrupted") else str(stop),
         "resumed_from": resume.path,
         "last_checkpoint": last_ckpt.saved_path,
         **info,
@@ -239,10 +239,10 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     if trainer.global_rank == 0:  # one writer per run folder
         write_run_file(out_dir / "results.json", json.dumps(result, indent=2, default=str))
     lock.release()
-    if isinstance(stop, SIGTERMException):
-        log.warning("lla: stopped by a signal at epoch %d, step %d; saved %s; rerun the same command to resume",
-                    trainer.current_epoch, trainer.global_step, last_ckpt.saved_path)
-        log.warning("lla: %s", preemption.requeue() or "not requeued (no SLURM job, or no requeue signal)")
+    if isinstance(stop, SIGTERMException):  # a signal stopped every rank after the same batch
+        line = preemption.finish(stop, trainer, last_ckpt)  # exit code 143 (130: Ctrl-C); requeue on SLURM
+        if trainer.is_global_zero:
+            log.warning("%s", line)
     if stop is not None:
         raise stop
     finish_wandb(logger)  # runs of a multirun stay separate
@@ -358,8 +358,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except NonFiniteLossError as err:  # the last good checkpoint and results.json are kept
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_NON_FINITE)
-    except SIGTERMException:  # last.ckpt saved (and the job requeued on SLURM): rerun the command to resume
-        sys.exit(EXIT_PREEMPTED)
+    except SIGTERMException as err:  # last.ckpt saved (and the job requeued on SLURM): rerun the command to resume
+        sys.exit(err.code or EXIT_PREEMPTED)  # 143, or 130 after Ctrl-C
 
 
 def _output_folder_error(err: BaseException, argv: list[str]) -> ConfigError | None:

@@ -13,24 +13,22 @@ averaging to the engine, module by module (:class:`ModuleGradSync`):
 With every rank applying the same averaged gradients to the same weights, parameters stay bitwise equal across ranks,
 and so do EMA copies (MAN, MLAAN), which are computed from parameters only (lla/ema.py).
 
-Also here: a sync-BN layer that works where torch's ``SyncBatchNorm`` does not (CPU/gloo), a CPU process launcher
-with timeouts for tests and benchmarks (:func:`spawn`), and :func:`measure_ddp_overhead` (``python -m
-lla.distributed --bench 2``).
+Also here: a sync-BN layer that works where torch's ``SyncBatchNorm`` does not (CPU/gloo), and the popen launcher
+that ties the ranks' lives to rank 0 (:class:`LocalLauncher`). The CPU benchmark of data parallelism and the process
+launcher the tests use are in :mod:`lla.bench.ddp`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
+import atexit
 import os
 import signal
-import socket
+import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +37,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -78,6 +77,36 @@ def broadcast_module_states(module: nn.Module, src: int = 0, buffers_only: bool 
 
 
 # ---------------------------------------------------------------------------------------------------- grad sync
+def _memory_order(t: Tensor) -> list[int]:
+    """The dimension order in which ``t``'s elements lie in memory (outermost first): NCHW -> [0, 1, 2, 3], NHWC
+    (channels_last) -> [0, 2, 3, 1]. ``t.permute(order)`` is then a contiguous view when ``t`` is dense."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def flatten_like_params(params: list[nn.Parameter]) -> Tensor:
+    """One flat tensor of the parameters' gradients, each laid out in *its parameter's* memory order."""
+    return torch.cat([p.grad.permute(_memory_order(p)).reshape(-1) for p in params])
+
+
+def unflatten_like_params(flat: Tensor, params: list[nn.Parameter]) -> list[Tensor]:
+    """Views of ``flat`` (from :func:`flatten_like_params`) with each parameter's shape *and strides*.
+
+    The optimizers need a gradient laid out like its weight: the fused SGD kernel walks both as flat arrays, so a
+    contiguous gradient of a channels_last weight would add gradient element i to weight element j. Views keep the
+    gradient memory single (the bucket is the only copy); a parameter that is not dense gets a copy."""
+    out, offset = [], 0
+    for p in params:
+        n = p.numel()
+        order = _memory_order(p)
+        chunk = flat[offset:offset + n].view([p.shape[d] for d in order]).permute(
+            sorted(range(p.dim()), key=order.__getitem__))
+        if chunk.stride() != p.stride():  # overlapping or gapped parameter storage: no view can match it
+            chunk = torch.empty_like(p).copy_(chunk)
+        out.append(chunk)
+        offset += n
+    return out
+
+
 def _buckets(params: list[nn.Parameter], cap_bytes: int) -> Iterator[list[nn.Parameter]]:
     """Consecutive runs of same-(device, dtype) parameters, each at most ``cap_bytes`` of gradient (or one tensor)."""
     bucket: list[nn.Parameter] = []
@@ -98,8 +127,9 @@ class ModuleGradSync:
     """Averages one local module's gradients across ranks: flatten into buckets, async all-reduce, unflatten.
 
     ``launch(model, j)`` starts module j's all-reduce and returns at once; ``wait(model, j)`` blocks until it is done
-    and puts the averaged gradients back in ``p.grad`` (views of the reduced bucket). While in flight, the module's
-    ``p.grad`` are None: the bucket is the only copy, so gradient memory is not doubled.
+    and puts the averaged gradients back in ``p.grad``: views of the reduced bucket with their parameters' strides
+    (each gradient is flattened in its weight's memory order, so channels_last weights get channels_last gradients).
+    While in flight, the module's ``p.grad`` are None: the bucket is the only copy, so gradient memory is not doubled.
 
     Assumes every rank back-propagates through the same parameters (true for every method here: the graphs do not
     depend on the data), so the buckets line up across ranks.
@@ -125,7 +155,7 @@ class ModuleGradSync:
         params = [p for p in self.module_params(model, j) if p.grad is not None]
         for bucket in _buckets(params, self.cap_bytes):
             # pre-divide: SUM of grad/W is the mean (gloo has no AVG op); /2, /4, /8 are exact in floating point
-            flat = _flatten_dense_tensors([p.grad for p in bucket]).div_(self.world_size)
+            flat = flatten_like_params(bucket).div_(self.world_size)
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             for p in bucket:
                 p.grad = None
@@ -138,7 +168,7 @@ class ModuleGradSync:
             self.launch(model, j)
         for bucket, flat, work in self._pending.pop(j):
             work.wait()  # CUDA: the compute stream waits for the NCCL stream; the host does not block
-            for p, g in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for p, g in zip(bucket, unflatten_like_params(flat, bucket)):
                 p.grad = g
 
     @property
@@ -248,6 +278,84 @@ def _is_comm_error(err: BaseException) -> bool:
         "Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "Broken pipe", "timed out"))
 
 
+#: set by a launching rank 0 for the ranks it starts (popen): their parent's pid
+_LAUNCHER_PID_ENV = "LLA_LAUNCHER_PID"
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent (the launching rank 0) dies, however it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        return
+    if os.getppid() != int(os.environ.get(_LAUNCHER_PID_ENV, "0")):  # it died before prctl took effect
+        os._exit(1)
+
+
+class LocalLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher (rank 0 re-runs the command once per other local rank), such that no process of
+    the run outlives it:
+
+    * each started rank is killed by the kernel as soon as rank 0's process ends, however it ends (kill -9, a
+      second Ctrl-C): a rank whose peer is gone would otherwise wait in a collective for the whole timeout;
+    * rank 0 waits for its ranks before it exits (and kills the ones still running after ``reap_timeout_s``);
+    * a rank that fails (an exit code other than 0 or a signal stop's 143 / 130) gets the other ranks killed, and
+      rank 0 too if it has not ended ``grace_s`` later (as Lightning's launcher does at once, before rank 0 could
+      record the failure). A rank that stopped on a signal is not a failure: all ranks stop after the same batch
+      (lla.checkpointing.Preemption) and rank 0 may still be saving; Lightning's launcher would kill it.
+    """
+
+    reap_timeout_s = 60.0
+    poll_s = 1.0
+    grace_s = 30.0
+
+    def launch(self, function: Callable, *args: Any, trainer=None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
+            self._call_children_scripts()
+            atexit.register(self.reap)
+            threading.Thread(target=self._watch, name="lla-rank-watch", daemon=True).start()
+        elif os.environ.get(_LAUNCHER_PID_ENV) == str(os.getppid()):
+            _die_with_parent()
+        if self.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:  # as Lightning's launcher does
+            threads = max(1, (os.cpu_count() or 1) // self.num_processes)
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        return function(*args, **kwargs)
+
+    def _watch(self) -> None:
+        from lla.checkpointing import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+        procs = list(self.procs)
+        while procs:
+            time.sleep(self.poll_s)
+            for p in [p for p in procs if p.poll() is not None]:
+                procs.remove(p)
+                if p.returncode not in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED):
+                    self.kill(signal.SIGKILL)
+                    # rank 0 usually fails on its own at once (gloo: connection closed) and records the failure;
+                    # an NCCL collective would wait for the whole timeout instead
+                    time.sleep(self.grace_s)
+                    print(f"lla: rank pid {p.pid} exited with code {p.returncode} {self.grace_s:.0f} s ago and "
+                          "this process is still running: killing it", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    def reap(self) -> None:
+        """At rank 0's exit: wait for the other ranks, kill the ones still running after ``reap_timeout_s``."""
+        deadline = time.monotonic() + self.reap_timeout_s
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 class LocalDDPStrategy(DDPStrategy):
     """DDP processes and samplers without the DDP wrapper; gradients are averaged per local module by the engine.
 
@@ -279,6 +387,11 @@ class LocalDDPStrategy(DDPStrategy):
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.grad_sync: ModuleGradSync | None = None
 
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _SubprocessScriptLauncher):
+            self._launcher = LocalLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
     def setup(self, trainer) -> None:
         # torch's SyncBatchNorm raises on CPU; swap in the portable one so trainer.sync_batchnorm=true still works
         if isinstance(self._layer_sync, TorchSyncBatchNorm) and self.root_device.type not in _TORCH_SYNC_BN_DEVICES:
@@ -306,8 +419,8 @@ class LocalDDPStrategy(DDPStrategy):
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
-        if isinstance(exception, KeyboardInterrupt):
-            return
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return  # a stop every rank agreed on (lla.checkpointing.Preemption): each rank saves and exits itself
         try:
             rank, world = self.global_rank, self.world_size
         except Exception:  # failed before the ranks were known
@@ -331,139 +444,3 @@ for _name, _method in (("local_ddp", "popen"), ("local_ddp_spawn", "spawn")):
     if _name not in StrategyRegistry:
         StrategyRegistry.register(_name, LocalDDPStrategy, description="DDP processes without the DDP wrapper; "
                                   f"per-module gradient all-reduce (start_method={_method!r})", start_method=_method)
-
-
-# ---------------------------------------------------------------------------------------------------- local launcher
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_entry(rank: int, fn: Callable, world_size: int, port: int, threads: int | None, args: tuple) -> None:
-    # The environment Lightning's LightningEnvironment reads when processes are created externally (like torchrun).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")
-    for key in [k for k in os.environ if k.startswith(("SLURM_", "PMI_", "OMPI_"))]:
-        del os.environ[key]  # a test run inside a SLURM job must not be mistaken for a SLURM task
-    if threads:
-        torch.set_num_threads(threads)
-    fn(rank, world_size, *args)
-
-
-def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout_s: float = 300.0,
-          threads: int | None = None) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes on this machine, wired as one job.
-
-    A Trainer built inside ``fn`` with ``devices=world_size, strategy=LocalDDPStrategy()`` joins them (gloo on CPU).
-    Every join has a deadline: a failing rank raises RuntimeError naming it (the others are killed), and a run still
-    going after ``timeout_s`` is killed and raises TimeoutError, so a hang fails instead of blocking.
-    """
-    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException, start_processes
-
-    ctx = start_processes(_worker_entry, args=(fn, world_size, _free_port(), threads, args), nprocs=world_size,
-                          join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-                raise TimeoutError(f"ranks {alive} of {world_size} still running after {timeout_s:.0f} s "
-                                   "(a hang in a collective?): killed")
-    except ProcessRaisedException as err:
-        raise RuntimeError(f"rank {err.error_index} of {world_size} failed; the others were stopped:\n{err}") from None
-    except ProcessExitedException as err:
-        raise RuntimeError(f"rank {err.error_index} of {world_size} died (exit code {err.exit_code}); "
-                           "the others were stopped") from None
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-
-
-# ---------------------------------------------------------------------------------------------------- benchmark
-def _bench_worker(rank: int, world_size: int, spec: dict, out: str) -> None:
-    import lightning as L
-    from hydra import compose, initialize_config_dir
-
-    from lla.callbacks import StepTimer
-    from lla.cli import CONF_DIR, _quiet_lightning, build
-
-    _quiet_lightning()
-    per_step = spec["batch_size"] * world_size
-    overrides = [f"method={spec['method']}", f"backbone={spec['backbone']}", "dataset=synthetic", f"k={spec['k']}",
-                 f"dataset.batch_size={spec['batch_size']}", f"dataset.image_size={spec['image_size']}",
-                 f"dataset.num_samples={per_step * (spec['warmup'] + spec['steps'])}", "logger=none",
-                 "optim.schedule=constant", "trainer.max_epochs=1"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    L.seed_everything(0, verbose=False)
-    dm, model = build(cfg)
-    timer = StepTimer(warmup=spec["warmup"])
-    trainer = L.Trainer(accelerator="cpu", devices=world_size, max_steps=spec["warmup"] + spec["steps"],
-                        strategy=LocalDDPStrategy() if world_size > 1 else "auto", callbacks=[timer], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(model, datamodule=dm)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"step_time_s": timer.step_time_s}))
-
-
-def measure_ddp_overhead(world_size: int = 2, method: str = "dgl", backbone: str = "resnet20", k: int = 4,
-                         batch_size: int = 32, image_size: int = 32, steps: int = 10, warmup: int = 3,
-                         threads: int | None = None, timeout_s: float = 600.0) -> dict[str, Any]:
-    """Median step time of ``world_size`` CPU/gloo processes vs one process, at the same *per-process* batch.
-
-    Both runs get ``threads`` intra-op threads per process (default: CPU cores // world_size), so the difference is
-    the cost of data parallelism (gradient all-reduce, waits, samplers), not of a smaller compute share.
-    """
-    if int(world_size) < 2:
-        raise ConfigError("bench.ddp", f"needs at least 2 processes, got {world_size}", ">= 2")
-    threads = threads or max(1, (os.cpu_count() or 1) // int(world_size))
-    spec = dict(method=method, backbone=backbone, k=int(k), batch_size=int(batch_size), image_size=int(image_size),
-                steps=int(steps), warmup=int(warmup))
-    times = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for world in (1, int(world_size)):
-            out = str(Path(tmp) / f"w{world}.json")
-            spawn(_bench_worker, world, (spec, out), timeout_s=timeout_s, threads=threads)
-            times[world] = json.loads(Path(out).read_text())["step_time_s"]
-    single, multi = times[1], times[int(world_size)]
-    return {"world_size": int(world_size), **spec, "threads_per_process": threads, "single_step_s": single,
-            "ddp_step_s": multi, "overhead_s": multi - single, "overhead_pct": 100.0 * (multi / single - 1.0)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lla.distributed --bench N [key=value ...]`` (keys: measure_ddp_overhead's arguments)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] != "--bench" or not argv[1].isdigit():
-        print("usage: python -m lla.distributed --bench N [method=dgl backbone=resnet20 k=4 batch_size=32 "
-              "image_size=32 steps=10 warmup=3 threads=T]", file=sys.stderr)
-        return 2
-    defaults = {name: par.default for name, par in inspect.signature(measure_ddp_overhead).parameters.items()}
-    kwargs: dict[str, Any] = {}
-    for item in argv[2:]:
-        key, _, value = item.partition("=")
-        if key not in {"method", "backbone", "k", "batch_size", "image_size", "steps", "warmup", "threads"}:
-            print(f"error: bench.{key}: unknown option; allowed: method, backbone, k, batch_size, image_size, "
-                  "steps, warmup, threads", file=sys.stderr)
-            return 2
-        kwargs[key] = value if isinstance(defaults.get(key, ""), str) else int(value)
-    try:
-        result = measure_ddp_overhead(int(argv[1]), **kwargs)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2))
-    print(f"{result['world_size']} processes: {result['ddp_step_s'] * 1e3:.1f} ms/step vs "
-          f"{result['single_step_s'] * 1e3:.1f} ms in one process at batch {result['batch_size']} per process "
-          f"({result['overhead_pct']:+.1f}%)", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    # run the importable copy, so spawned workers pickle functions by reference to lla.distributed
-    from lla.distributed import main as _main
-
-    sys.exit(_main())

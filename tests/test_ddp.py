@@ -27,7 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lla.backbones import build_backbone
-from lla.distributed import AllReduceBatchNorm, AllReduceSyncBatchNorm, LocalDDPStrategy, spawn
+from lla.bench.ddp import spawn
+from lla.distributed import AllReduceBatchNorm, AllReduceSyncBatchNorm, LocalDDPStrategy
 from lla.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,8 @@ METHODS = {  # K=4 on resnet20; MAN's InfoPro base needs module_index lambdas be
 
 # name -> (method, batch norm: "none" = BN replaced by Identity | "sync" = trainer.sync_batchnorm, variant)
 SCENARIOS = {m: (m, "none", "plain") for m in METHODS}
-SCENARIOS.update({"dgl_syncbn": ("dgl", "sync", "plain"), "dgl_nosync": ("dgl", "none", "nosync")})
+SCENARIOS.update({"dgl_syncbn": ("dgl", "sync", "plain"), "dgl_nosync": ("dgl", "none", "nosync"),
+                  "dgl_channels_last": ("dgl", "none", "channels_last")})  # NHWC weights: gradients keep the layout
 LEARN_STEPS = 30
 
 
@@ -115,6 +117,8 @@ def _scenarios_worker(rank: int, world: int, out: str) -> None:
     results = {}
     for name, (method, bn, variant) in SCENARIOS.items():
         model = build(method, SEED + rank, bn)
+        if variant == "channels_last":
+            model.use_channels_last()
         probe = Probe()
         strategy = NoGradSync() if variant == "nosync" else LocalDDPStrategy()
         # Lightning's own sampler would shuffle; unshuffled, rank r reads samples r, r+2, ...: together the ranks
@@ -165,13 +169,16 @@ def ddp_results(ddp_run):
 @pytest.fixture(scope="module")
 def references():
     """Single process, batch WORLD*BS: the same samples per step as the two ranks together."""
-    refs: dict[tuple[str, str], dict] = {}
-    for method, bn, _ in SCENARIOS.values():
-        if (method, bn) not in refs:  # the negative control shares the plain reference
+    refs: dict[tuple[str, str, bool], dict] = {}
+    for method, bn, variant in SCENARIOS.values():
+        key = (method, bn, variant == "channels_last")
+        if key not in refs:  # the negative control shares the plain reference
             model = build(method, SEED, bn)
+            if key[2]:
+                model.use_channels_last()
             trainer(devices=1, precision="64-true").fit(model, DataLoader(dataset(), batch_size=WORLD * BS))
-            refs[method, bn] = model.state_dict()
-    return {name: refs[method, bn] for name, (method, bn, _) in SCENARIOS.items()}
+            refs[key] = model.state_dict()
+    return {name: refs[method, bn, variant == "channels_last"] for name, (method, bn, variant) in SCENARIOS.items()}
 
 
 def max_diff(a: dict, b: dict) -> tuple[float, str]:
@@ -339,3 +346,52 @@ def test_slurm_launcher_presets_compose():
         assert launcher._target_.endswith("SlurmLauncher"), name
         assert launcher.tasks_per_node == launcher.gpus_per_node, name  # one process per GPU: Lightning reads SLURM
         assert launcher.timeout_min > 0 and launcher.max_num_timeout >= 0, name
+
+
+# ---------------------------------------------------------------------------------------------------- channels_last
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A 1-process gloo group in the test process (torn down after): ModuleGradSync's all-reduce is then the
+    identity on the values, so a step with gradient sync must equal the step without it."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradient_sync_keeps_each_parameters_layout(one_process_group, fused):
+    """trainer=ddp + channels_last: the averaged gradients must come back with their parameters' (NHWC) strides,
+    or the SGD update adds gradient element i to weight element j."""
+    from lla.distributed import ModuleGradSync
+
+    models = []
+    for sync in (False, True):
+        model = build("dgl", SEED, "sync")
+        model.use_channels_last()
+        opt = model.configure_optimizers()
+        for o in opt.optimizers:
+            for g in o.param_groups:
+                g["fused"] = fused
+        torch.manual_seed(0)
+        x = torch.randn(BS, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (BS,))
+        loss = model.local_loss(0, model.forward_module(0, x), (x, y))
+        loss.backward()
+        if sync:
+            grad_sync = ModuleGradSync(world_size=1)
+            grad_sync.launch(model, 0)
+            grad_sync.wait(model, 0)
+            for p in grad_sync.module_params(model, 0):
+                assert p.grad.stride() == p.stride(), "gradient layout differs from its parameter's"
+        opt.step_module(0)
+        models.append(model)
+    plain, synced = (dict(m.named_parameters()) for m in models)
+    conv = [n for n, p in plain.items() if p.dim() == 4 and not p.is_contiguous()]
+    assert conv, "the model has channels_last conv weights"
+    for name in plain:
+        torch.testing.assert_close(synced[name], plain[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

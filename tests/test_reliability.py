@@ -134,6 +134,11 @@ def test_two_runs_never_share_a_folder(tmp_path):
         with pytest.raises(ConfigError, match=r"run_dir: .* is in use by another run \(pid \d+\)"):
             RunLock(tmp_path).acquire()
     RunLock(tmp_path).acquire().release()  # free again once the first run is done
+    assert not (tmp_path / ".lock").exists()  # and the lock file is gone with it
+    (tmp_path / ".lock").write_text("12345")  # left by a killed run: the kernel dropped its lock
+    lock = RunLock(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    lock.release()
 
 
 # ---------------------------------------------------------------------------------------------- exact resume

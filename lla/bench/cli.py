@@ -122,10 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_ddp(args) -> int:
-    """``lla-bench --ddp N``: one process vs N processes on the same per-process batch (lla.distributed)."""
+    """``lla-bench --ddp N``: one process vs N processes on the same per-process batch (lla.bench.ddp)."""
     import json
 
-    from lla.distributed import measure_ddp_overhead
+    from lla.bench.ddp import measure_ddp_overhead
 
     method = (args.methods or "dgl").split(",")[0].split(":")[0]
     res = measure_ddp_overhead(world_size=args.ddp, method=method, backbone=args.backbone, k=args.k,
