@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lla.distributed import LocalDDPStrategy, spawn
+from lla.bench.ddp import spawn
+from lla.distributed import LocalDDPStrategy
 from tests.test_module_steps import build
 
 WORLD, BS, N, BATCHES = 2, 4, 2, 4  # per rank: 4 batches of 4, accumulated in windows of 2 -> 2 steps

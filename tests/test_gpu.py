@@ -278,7 +278,7 @@ def _ddp_worker(rank: int, world: int, out: str, accelerator: str = "cuda", back
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_ddp_equals_one_process_on_the_concatenated_batch(tmp_path, exact_fp32, accelerator="cuda",
                                                                backend="nccl"):
-    from lla.distributed import spawn
+    from lla.bench.ddp import spawn
     from tests.test_ddp import BS, SEED, WORLD, build, dataset, max_diff, trainer
     from tests.test_ddp import METHODS as DDP_METHODS
 
