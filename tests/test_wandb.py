@@ -75,6 +75,17 @@ def summarize(run_file: Path) -> dict:
     return out
 
 
+def settled_summaries(folder: Path, timeout_s: float = 30.0) -> list[dict]:
+    """Summaries of every offline run file in ``folder``, once each holds its run and exit records: W&B's service
+    process writes the file, and on a loaded machine it may still be flushing just after ``finish()`` returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = [summarize(f) for f in sorted(Path(folder).glob("offline-run-*/run-*.wandb"))]
+        if all("id" in r and r["exit"] is not None for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
 def test_two_job_multirun_gives_two_separate_grouped_runs_and_two_results(tmp_path):
     sweep = tmp_path / "sweep"
     man = [o for o in TINY if o != "method=dgl"] + ["method=man", "method.base=dgl"]
@@ -128,8 +139,8 @@ def test_a_resumed_run_continues_its_wandb_run_and_steps(tmp_path, monkeypatch):
     second = train(_tiny_cfg([*TINY, "trainer.max_epochs=2"]), tmp_path, choices, TINY)  # same folder: resumes
     assert first["global_step"] == 2 and second["resumed_from"] and second["global_step"] == 4
     stored = (tmp_path / "wandb_run_id").read_text().strip()
-    runs = [summarize(f) for f in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
-    assert len(runs) == 2 and [r["id"] for r in runs] == [stored, stored]  # one W&B run, logged in two sittings
+    runs = settled_summaries(tmp_path / "wandb")
+    assert len(runs) == 2 and [r.get("id") for r in runs] == [stored, stored]  # one W&B run, logged in two sittings
     assert max(runs[0]["steps"]) <= 2 < max(runs[1]["steps"]) and min(runs[1]["steps"]) >= 2  # steps go on
     third = train(_tiny_cfg([*TINY, "trainer.max_epochs=3", "resume=false"]), tmp_path, choices, TINY)
     assert third["resumed_from"] is None and (tmp_path / "wandb_run_id").read_text().strip() != stored  # new run
