@@ -111,32 +111,33 @@ def test_add_a_method_example_keeps_gradient_isolation(monkeypatch):
 
 
 def test_add_a_method_split_family_table(tmp_path, monkeypatch):
-    """The guide's K-label table block, merged into a copy of the tables, gives the splits it documents."""
+    """The guide's K-label table block, added to a copy of the tables, registers the family and gives the splits it
+    documents: the block is the only change besides the class (no list of families to edit)."""
     example = load_example("smoothed_greedy", "lla.methods.smoothed_greedy", monkeypatch)
-    tables = tmp_path / "tables"
+    plain, tables = tmp_path / "plain", tmp_path / "tables"  # the tables as they are, and with the guide's block
+    shutil.copytree(lla.splits.TABLE_DIR, plain)
     shutil.copytree(lla.splits.TABLE_DIR, tables)
     data = yaml.safe_load((tables / "resnet20.yaml").read_text())
     data["families"] = {**(data.get("families") or {}),
                         **yaml.safe_load((EXAMPLES / "resnet20_family.yaml").read_text())}
     (tables / "resnet20.yaml").write_text(yaml.safe_dump(data))
-    monkeypatch.setattr(lla.splits, "FAMILIES", (*lla.splits.FAMILIES, "smoothed_greedy"))
+
+    class OwnTable(example.SmoothedGreedy):
+        split_family = "smoothed_greedy"
+
+    def make(k):
+        return OwnTable(lla.backbones.build_backbone("resnet20", 10), k=k, num_classes=10, image_size=16)
+
+    monkeypatch.setattr(lla.splits, "TABLE_DIR", plain)
+    with pytest.raises(ConfigError, match="unknown split family 'smoothed_greedy'"):
+        make(4)  # without its table block the family does not exist
     monkeypatch.setattr(lla.splits, "TABLE_DIR", tables)
-    read_cache = lla.splits._read_table  # functools.cache over the table folder: forget what it read before
-    read_cache.cache_clear()
-    try:
-        class OwnTable(example.SmoothedGreedy):
-            split_family = "smoothed_greedy"
-
-        def make(k):
-            return OwnTable(lla.backbones.build_backbone("resnet20", 10), k=k, num_classes=10, image_size=16)
-
-        for k in (4, 5):  # the table key and its alias
-            model = make(k)
-            assert model.split.boundaries == (3, 6, 8) and model.num_modules == 4
-            assert model.split.k_label == k and model.split.source == "table:smoothed_greedy:4"
-        assert make(3).split.source == "balanced"  # a K without a table entry
-    finally:
-        read_cache.cache_clear()
+    assert "smoothed_greedy" in lla.splits.families()
+    for k in (4, 5):  # the table key and its alias
+        model = make(k)
+        assert model.split.boundaries == (3, 6, 8) and model.num_modules == 4
+        assert model.split.k_label == k and model.split.source == "table:smoothed_greedy:4"
+    assert make(3).split.source == "balanced"  # a K without a table entry
 
 
 # ------------------------------------------------------------------------------------------------ add a dataset

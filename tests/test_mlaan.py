@@ -126,11 +126,12 @@ class ReachProbe(MLAAN):
     def backward_local(self, k, loss):
         own = owners(self)
         before = {id(p): (p.grad.clone() if p.grad is not None else None) for p in self.parameters()}
-        pending = self._pending
-        if pending is not None and len(pending) == 3 and self.keep != "both":
-            (wx, lx), (wy, ly) = pending[2]
-            pending[2][:] = [(wx if self.keep == "x" else 0.0, lx), (wy if self.keep == "y" else 0.0, ly)]
-        h = pending[0] if pending is not None else None
+        handoff = self.handoff
+        if handoff is not None and handoff.x_share is None and self.keep != "both":
+            (wx, lx), (wy, ly) = handoff.heads
+            self.handoff = handoff._replace(heads=((wx if self.keep == "x" else 0.0, lx),
+                                                   (wy if self.keep == "y" else 0.0, ly)))
+        h = handoff.h if handoff is not None else None
         super().backward_local(k, loss)
         changed = set()
         for p in self.parameters():
@@ -319,6 +320,44 @@ def test_trains_on_a_small_learnable_synthetic_problem_and_its_loss_falls(base):
 def test_bad_options_raise_config_error(bad):
     with pytest.raises(ConfigError):
         mlaan(**bad)
+
+
+def test_local_and_final_losses_reach_backward_local_as_a_named_hand_off():
+    model = mlaan(k=4)
+    x, y = batches(1)[0]
+    h = model.forward_module(0, x)
+    loss = model.local_loss(0, h, (x, y))
+    handoff = model.handoff
+    assert (handoff.k, handoff.h is h, handoff.x_share) == (0, True, None)
+    assert [w for w, _ in handoff.heads] == [0.001, 0.999]
+    torch.testing.assert_close(loss, sum(w * part for w, part in handoff.heads).detach())
+    with pytest.raises(RuntimeError, match=r"backward_local\(1\) received module 0's losses"):
+        model.backward_local(1, loss)  # a hand-off is only ever consumed by the module that made it
+    assert model.handoff is None
+    model.final_loss(model.backbone.layers[-1](torch.randn(8, 64, 4, 4)), (x, y))
+    assert model.handoff.k == 3 and len(model.handoff.heads) == 1 and model.handoff.x_share == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("bad", [dict(base="foo"), dict(lambda_schedule="x"), dict(init_from_target="yes"),
+                                 dict(base="infopro", lambda_schedule="module_index"),  # module K-2: both 0
+                                 dict(base="infopro", ixx_1=-1.0, ixy_1=-1.0)])  # negative weights
+def test_man_and_mlaan_check_base_rule_options_alike(bad):
+    """One helper (lla.aux.plugin) checks both methods' base-rule options: the same bad value, the same line."""
+    from lla.methods.man import MAN
+
+    bad = dict(bad)
+    bool_key = "init_from_target" if "init_from_target" in bad else None
+    errors = []
+    for cls in (MAN, MLAAN):
+        options = dict(bad)
+        if bool_key and cls is MLAAN:
+            options = {"update_all_ema": options.pop(bool_key)}
+        with pytest.raises(ConfigError) as err:
+            mlaan(cls, k=4, denormalize=lambda x: x, **options)
+        errors.append(str(err.value).replace("update_all_ema", bool_key or "update_all_ema"))
+    assert errors[0] == errors[1]
+    if "ixx_1" in bad or "module_index" in bad.values():
+        assert "method.lambda_schedule" in errors[0] and "negative or both zero" in errors[0]
 
 
 def test_yaml_lists_every_option():

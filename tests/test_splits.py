@@ -12,6 +12,7 @@ from lla.splits import (
     TABLE_DIR,
     Split,
     balanced_boundaries,
+    families,
     global_index,
     lam_layers,
     load_table,
@@ -399,6 +400,32 @@ def test_every_table_entry_resolves():
                     assert s.boundaries == rng(0, n - 2)
             for alias, key in (fam.get("aliases") or {}).items():
                 assert split(backbone, alias, family).boundaries == split(backbone, key, family).boundaries
+
+
+def test_the_table_files_register_the_families(tmp_path, monkeypatch):
+    assert families() == FAMILIES == ("e2e", "auglocal", "infopro", "man", "manpp", "mlaan")
+
+    def tables(name: str, edit: dict[str, tuple[str, str]]):
+        """A copy of the tables with (old, new) text replacements per file, made the table folder in use."""
+        folder = tmp_path / name
+        folder.mkdir()
+        for path in TABLE_DIR.glob("*.yaml"):
+            old, new = edit.get(path.stem, ("", ""))
+            (folder / path.name).write_text(path.read_text().replace(old, new, 1) if old else path.read_text())
+        monkeypatch.setattr("lla.splits.TABLE_DIR", folder)
+
+    tables("plain", {})
+    with pytest.raises(ConfigError, match="unknown split family 'greedy'"):
+        split("resnet20", 4, "greedy")
+    # a block under families: in one table file is all a new family needs
+    tables("greedy", {"resnet20": ("families: {}", "families:\n  greedy:\n    splits:\n      3: [[1, 2], [2, 2]]")})
+    assert "greedy" in families()
+    s = split("resnet20", 3, "greedy")
+    assert (s.boundaries, s.family, s.source) == ((3, 6), "greedy", "table:greedy:3")
+    assert split("resnet20", 4, "greedy").source == "balanced"  # a K without a row
+    tables("bad", {"vgg13": ("  auglocal:", "  Bad-Name:")})
+    with pytest.raises(ValueError, match="Bad-Name"):
+        families()
 
 
 def test_load_table_is_a_copy_and_unknown_backbones_fall_back():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from lla.aux.rules import LocalRule
+from lla.aux.local_rule import LocalRule
 from lla.backbones.cifar_resnet import init_cifar
 from lla.backbones.imagenet_resnet import init_imagenet
 from lla.errors import ConfigError

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lla.aux.rules import LocalRule
+from lla.aux.local_rule import LocalRule
 from lla.ema import make_ema_copy
 from lla.errors import ConfigError
 from lla.recompute import run_segment

@@ -10,21 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lla.aux.dgl import DGL_HEADS, dgl_head
+from lla.aux.infopro import InfoProRule
+from lla.aux.local_rule import LocalRule
 from lla.errors import ConfigError
 
+__all__ = ["BASES", "DGLRule", "LocalRule", "make_rule"]
+
 BASES = ("dgl", "infopro")
-
-
-class LocalRule(nn.Module):
-    """``forward(h, y, x01) -> loss``; ``x01`` (the [0,1] image) is passed only when ``needs_x01``."""
-
-    needs_x01: bool = False
-
-    def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
 
 
 class DGLRule(LocalRule):
@@ -50,7 +45,5 @@ def make_rule(base: str, *, channels: int, spatial: int, num_classes: int, image
     if base == "dgl":
         return DGLRule(channels, spatial, num_classes, **options)
     if base == "infopro":
-        from lla.aux.infopro import InfoProRule
-
         return InfoProRule(channels, spatial, num_classes, image_size, **options)
     raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))

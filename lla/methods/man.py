@@ -29,14 +29,14 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from lla.aux.rules import BASES, LocalRule, make_rule
+from lla.aux.plugin import BaseRule, check_bool, nominal_k
+from lla.aux.rules import LocalRule, make_rule
 from lla.ema import check_momentum, ema_update, make_ema_copy
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
 from lla.methods.modes import resolve_mode
 from lla.recompute import run_segment
 
-SCHEDULES = ("stage_index", "module_index")
 DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (§5.2c)
 PAPER_MODE = {"init_from_target": True, "lambda_schedule": "stage_index", "learnable_scale": False}
 # The MAN repository (CIFAR train.py and ImageNet imagenet_DDP.py alike): copies re-drawn by the global init loop
@@ -79,23 +79,21 @@ class MAN(LocalLearner):
                  init_from_target: bool | None = None, lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float | None = None,
                  ixx_2: float = 0.0, ixy_2: float = 0.0, head: str | None = None, loss: str = "ce",
                  feature_dim: int = 128, widen: int = 1, learnable_scale: bool = False, **kwargs):
+        backbone = args[0] if args else kwargs.get("backbone")
         self.mode = mode
         self.switches = resolve_mode(mode, {"init_from_target": init_from_target, "lambda_schedule": lambda_schedule,
                                             "learnable_scale": learnable_scale}, PAPER_MODE, REFERENCE_MODE)
         init_from_target, lambda_schedule, learnable_scale = (
             self.switches[key] for key in ("init_from_target", "lambda_schedule", "learnable_scale"))
-        if base not in BASES:
-            raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))
-        if lambda_schedule not in SCHEDULES:
-            raise ConfigError("method.lambda_schedule", f"unknown schedule {lambda_schedule!r}", ", ".join(SCHEDULES))
-        if not isinstance(init_from_target, bool):
-            raise ConfigError("method.init_from_target", f"must be a boolean, got {init_from_target!r}", "true, false")
-        self.base, self.lambda_schedule = base, lambda_schedule
+        if ixy_1 is None:  # §5.5.9: ImageNet's hard-coded 0.75; the CIFAR README's 0.5
+            ixy_1 = 0.75 if getattr(backbone, "family", None) == "imagenet_resnet" else 0.5
+        self.base_rule = BaseRule.checked(base, head, DEFAULT_HEADS, lambda_schedule=lambda_schedule, loss=loss,
+                                          feature_dim=feature_dim, widen=widen, ixx_1=ixx_1, ixy_1=ixy_1,
+                                          ixx_2=ixx_2, ixy_2=ixy_2)
+        self.init_from_target = check_bool("init_from_target", init_from_target)
+        self.base, self.lambda_schedule, self.head_kind = base, lambda_schedule, self.base_rule.head
         self.ema_momentum = check_momentum(ema_momentum)
-        self.init_from_target, self.learnable_scale = init_from_target, bool(learnable_scale)
-        self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2 = ixx_1, ixy_1, ixx_2, ixy_2
-        self.head_kind = head if head is not None else DEFAULT_HEADS[base]
-        self.loss_kind, self.feature_dim, self.widen = loss, feature_dim, widen
+        self.learnable_scale = bool(learnable_scale)
         self.lambdas: list[tuple[float, float]] = []  # (lam1, lam2) per local module; empty for base dgl
         super().__init__(*args, **kwargs)
 
@@ -135,38 +133,19 @@ class MAN(LocalLearner):
 
     def _rule_options(self, k: int, idx: int) -> dict:
         if self.base == "dgl":
-            return {"head": self.head_kind, "feature_dim": self.feature_dim}
-        lam1, lam2 = self._lambdas(k, idx)
-        self.lambdas.append((lam1, lam2))
+            return self.base_rule.options()
+        # InfoPro weights (§5.3, §5.5.7); stage_index: r = lo / (K-2), lo = B_next's stage, K = the nominal label
+        # (R32 "16" -> 14, not 13); r > 1 extrapolates past (ixx_2, ixy_2) (§9.2) and is rejected when it goes negative
+        lam = self.base_rule.lambdas(k, num_modules=self.num_modules, stage=self.backbone.specs[idx].stage,
+                                nominal_k=self.nominal_k)
+        self.lambdas.append(lam)
         variant = "imagenet" if self.backbone.family == "imagenet_resnet" else "cifar"
-        return {"head": self.head_kind, "loss": self.loss_kind, "lam1": lam1, "lam2": lam2,
-                "widen": self.widen, "feature_dim": self.feature_dim, "variant": variant}
-
-    def _lambdas(self, k: int, idx: int) -> tuple[float, float]:
-        """InfoPro weights of module k under the chosen schedule (§5.3, §5.5.7)."""
-        from lla.aux.infopro import infopro_lambdas, stage_index_lambdas
-
-        ixy_1 = self.ixy_1
-        if ixy_1 is None:  # §5.5.9: ImageNet's hard-coded 0.75; the CIFAR README's 0.5
-            ixy_1 = 0.75 if self.backbone.family == "imagenet_resnet" else 0.5
-        w = (self.ixx_1, ixy_1, self.ixx_2, self.ixy_2)
-        if self.lambda_schedule == "module_index":
-            lam1, lam2 = infopro_lambdas(k, self.num_modules, *w)
-        else:  # r = lo / (K-2): lo = B_next's stage, K = the nominal label (R32 "16" -> 14, not 13)
-            lam1, lam2 = stage_index_lambdas(self.backbone.specs[idx].stage, self.nominal_k, *w)
-        if lam1 < 0 or lam2 < 0 or lam1 == lam2 == 0:  # r > 1 extrapolates past (ixx_2, ixy_2): §5.5.7, §9.2
-            raise ConfigError("method.lambda_schedule", f"{self.lambda_schedule} gives module {k} the weights "
-                              f"lam1={lam1:.3g}, lam2={lam2:.3g} at K={self.nominal_k}: negative or both zero",
-                              "stage_index with K >= 8 (README ixx/ixy), or module_index with ixx_2/ixy_2 not both 0")
-        return float(lam1), float(lam2)
+        return self.base_rule.options(lam=lam, variant=variant)
 
     @property
     def nominal_k(self) -> int:
         """The table key the split came from (MAN's ``local_module_num``), else the user's K label."""
-        parts = self.split.source.split(":")
-        if len(parts) == 3 and parts[0] == "table" and parts[2].isdigit():
-            return int(parts[2])
-        return int(self.split.k_label)
+        return nominal_k(self.split)
 
     # ------------------------------------------------------------------ step hooks
     def local_loss(self, k: int, h: Tensor, batch) -> Tensor:

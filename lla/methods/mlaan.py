@@ -35,19 +35,21 @@ ImageNet resnet34.py / resnet101.py); an explicit switch still wins.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lla.aux.dgl import DGL_HEADS
 from lla.aux.lam import DEFAULT_DEPTH, LAMNet, LinearRule, copy_lam_blocks, lam_lists, lam_output_shape
-from lla.aux.rules import BASES, LocalRule, make_rule
+from lla.aux.plugin import BaseRule, check_bool, nominal_k
+from lla.aux.rules import LocalRule, make_rule
 from lla.ema import check_momentum, ema_update
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
 from lla.methods.modes import configuration, resolve_mode
 
-SCHEDULES = ("stage_index", "module_index")
 DEFAULT_HEADS = {"dgl": "man", "infopro": "1c2f"}  # auxDGL (resnetDGLbin.py); run32-cifar10.txt passes 1c2f
 LAM_HEADS = ("linear", "rule")
 MODE_SWITCHES = ("cascade_span", "update_all_ema", "early_losses", "final_x_loss", "lam_init_from_primary", "head")
@@ -73,6 +75,19 @@ class MLAANAux(nn.Module):
         self.needs_x01 = mlm.needs_x01 or lam.needs_x01
 
 
+class HeadLosses(NamedTuple):
+    """What ``local_loss`` / ``final_loss`` of module k hand to ``backward_local(k)``: the heads' losses, not yet
+    back-propagated, and the two ends of the cut where the heads' graphs meet the module's."""
+
+    k: int  # the module these losses belong to
+    h: Tensor  # module k's output, attached to the graph of modules k-span+1..k
+    cut: Tensor  # h detached (requires grad): where every head's graph starts
+    heads: tuple[tuple[float, Tensor], ...]  # (weight, loss) per head, back-propagated one at a time
+    # None: a local module, heads = ((wx, MLM loss), (wy, LAM loss)). The last module has one head (CE through the
+    # classifier); x_share of its gradient on h is the "x" part (module K-1 alone), the rest the cascaded "y" part.
+    x_share: float | None = None
+
+
 class MLAAN(LocalLearner):
     """DGL+MLAAN / InfoPro+MLAAN. Options are documented in ``conf/method/mlaan.yaml``."""
 
@@ -92,8 +107,9 @@ class MLAAN(LocalLearner):
         self.switches = resolve_mode(mode, given, PAPER_MODE, REFERENCE_MODE, configuration(backbone, base))
         cascade_span, update_all_ema, early_losses, final_x_loss, lam_init_from_primary, head = (
             self.switches[key] for key in MODE_SWITCHES)
-        if base not in BASES:
-            raise ConfigError("method.base", f"unknown base rule {base!r}", ", ".join(BASES))
+        self.base_rule = BaseRule.checked(base, head, DEFAULT_HEADS, lambda_schedule=lambda_schedule, loss=loss,
+                                          feature_dim=feature_dim, widen=widen, ixx_1=ixx_1, ixy_1=ixy_1,
+                                          ixx_2=ixx_2, ixy_2=ixy_2)
         for key, value, lo in (("cascade_span", cascade_span, 1), ("lam_depth", lam_depth, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ConfigError(f"method.{key}", f"must be an integer >= {lo}, got {value!r}", f">= {lo}")
@@ -102,27 +118,23 @@ class MLAAN(LocalLearner):
                               "wx, wy >= 0 (paper: 0.001, 0.999)")
         for key, value in (("update_all_ema", update_all_ema), ("lam_init_from_primary", lam_init_from_primary),
                            ("early_losses", early_losses), ("final_x_loss", final_x_loss)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"method.{key}", f"must be a boolean, got {value!r}", "true, false")
-        self.base, self.head_kind = base, head if head is not None else DEFAULT_HEADS[base]
+            check_bool(key, value)
+        self.base, self.head_kind = base, self.base_rule.head
         if base == "dgl" and self.head_kind not in (*DGL_HEADS, "linear"):
             raise ConfigError("method.head", f"unknown DGL head {self.head_kind!r}", ", ".join((*DGL_HEADS, "linear")))
         self.lam_head = lam_head if lam_head is not None else ("linear" if base == "dgl" else "rule")
         if self.lam_head not in LAM_HEADS:
             raise ConfigError("method.lam_head", f"unknown LAM head {lam_head!r}", ", ".join(LAM_HEADS))
-        if lambda_schedule not in SCHEDULES:
-            raise ConfigError("method.lambda_schedule", f"unknown schedule {lambda_schedule!r}", ", ".join(SCHEDULES))
         self.cascade_span, self.wx, self.wy = cascade_span, float(wx), float(wy)
         self.ema_momentum = check_momentum(ema_momentum)
         self.update_all_ema, self.lam_init_from_primary, self.lam_depth = update_all_ema, lam_init_from_primary, lam_depth
         self.early_losses, self.final_x_loss = early_losses, final_x_loss
-        self.loss_kind, self.feature_dim, self.widen, self.lambda_schedule = loss, feature_dim, widen, lambda_schedule
-        self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2 = ixx_1, ixy_1, ixx_2, ixy_2
+        self.lambda_schedule = lambda_schedule
         # The reference gives a module its own loss only once a full window exists (k >= span-1).
         self.first_loss = 0 if early_losses else cascade_span - 1
         self.lam_layers: list[list[int]] | None = None
         self.lam_source, self.lambdas = "", {}
-        self._pending: tuple | None = None
+        self.handoff: HeadLosses | None = None  # local_loss / final_loss -> backward_local of the same module
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ structure
@@ -152,38 +164,26 @@ class MLAAN(LocalLearner):
         if self.base == "dgl":
             if head == "linear":  # resnetMLAAN.py: GAP + Linear
                 return LinearRule(channels, self.num_classes)
-            options = {"head": head, "feature_dim": self.feature_dim}
+            options = self.base_rule.options(head)
         else:
-            lam1, lam2 = self._lambdas(k)
             # Always the width-generic CIFAR aux nets: MLAAN heads sit on every block's output (64..2048 wide), and
             # MLAAN's ImageNet code has no InfoPro variant (its heads are GAP+FC), so the fixed 512/1024-channel
             # ImageNet nets of §5.3 do not apply.
-            options = {"head": head, "loss": self.loss_kind, "lam1": lam1, "lam2": lam2, "widen": self.widen,
-                       "feature_dim": self.feature_dim, "variant": "cifar"}
+            options = self.base_rule.options(head, self._lambdas(k), variant="cifar")
         return make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
                          image_size=self.image_size, options=options)
 
     def _lambdas(self, k: int) -> tuple[float, float]:
         """InfoPro weights of module k; the same pair for both heads (resnetInfoProbin.py)."""
-        from lla.aux.infopro import infopro_lambdas, stage_index_lambdas
-
-        if k not in self.lambdas:
-            w = (self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2)
-            if self.lambda_schedule == "module_index":
-                lam = infopro_lambdas(k, self.num_modules, *w)
-            else:  # r = stage(end of module k) / (K-2), K = the table key (§9.2)
-                lam = stage_index_lambdas(self.module_output_spec(k).stage, self.nominal_k, *w)
-            if min(lam) < 0:
-                raise ConfigError("method.lambda_schedule", f"{self.lambda_schedule} gives module {k} negative "
-                                  f"weights {lam} at K={self.nominal_k}", "module_index, or stage_index with K >= 8")
-            self.lambdas[k] = (float(lam[0]), float(lam[1]))
+        if k not in self.lambdas:  # stage_index: r = stage(end of module k) / (K-2), K = the table key (§9.2)
+            self.lambdas[k] = self.base_rule.lambdas(k, num_modules=self.num_modules,
+                                                     stage=self.module_output_spec(k).stage, nominal_k=self.nominal_k)
         return self.lambdas[k]
 
     @property
     def nominal_k(self) -> int:
         """The table key the split came from (MLAAN's ``local_module_num``), else the user's K label."""
-        parts = self.split.source.split(":")
-        return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else int(self.split.k_label)
+        return nominal_k(self.split)
 
     # ------------------------------------------------------------------ step hooks
     def forward_module(self, k: int, x: Tensor) -> Tensor:
@@ -198,35 +198,37 @@ class MLAAN(LocalLearner):
 
     def local_loss(self, k: int, h: Tensor, batch) -> Tensor:
         if k < self.first_loss:
-            self._pending = None
+            self.handoff = None
             return h.new_zeros(())
         aux, y = self.aux[k], batch[1]
         x01 = self.x01(batch) if aux.needs_x01 else None
         cut = h.detach().requires_grad_()  # heads back-propagate to here; backward_local routes the rest
         loss_x, loss_y = aux.mlm(cut, y, x01), aux.lam(cut, y, x01)
-        self._pending = (h, cut, [(self.wx, loss_x), (self.wy, loss_y)])
+        self.handoff = HeadLosses(k, h, cut, ((self.wx, loss_x), (self.wy, loss_y)))
         return (self.wx * loss_x + self.wy * loss_y).detach()
 
     def final_loss(self, h: Tensor, batch) -> Tensor:
         cut = h.detach().requires_grad_()
         loss = F.cross_entropy(self.backbone.head(cut), batch[1])
         wfx, wfy = (self.wx, self.wy) if self.final_x_loss else (0.0, 1.0)
-        self._pending = (h, cut, [(wfx + wfy, loss)], wfx / (wfx + wfy))
+        self.handoff = HeadLosses(self.num_modules - 1, h, cut, ((wfx + wfy, loss),), wfx / (wfx + wfy))
         return loss.detach()
 
     def backward_local(self, k: int, loss: Tensor) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
+        handoff, self.handoff = self.handoff, None
+        if handoff is None:  # a module without a loss of its own (early_losses=false)
             return
-        h, cut = pending[0], pending[1]
+        if handoff.k != k:
+            raise RuntimeError(f"MLAAN: backward_local({k}) received module {handoff.k}'s losses")
+        h, cut = handoff.h, handoff.cut
         grads = []
-        for w, part in pending[2]:  # each head alone: its parameter gradients, and its gradient on h_k
+        for w, part in handoff.heads:  # each head alone: its parameter gradients, and its gradient on h_k
             self.manual_backward(w * part)
             grads.append(cut.grad)
             cut.grad = None
-        if len(pending) == 4:  # the final module: one head, split into its x and y shares
-            gx = grads[0] * pending[3]
-            grads = [gx, grads[0] - gx] if pending[3] > 0 else [None, grads[0]]
+        if handoff.x_share is not None:  # the final module: one head, split into its x and y shares
+            gx = grads[0] * handoff.x_share
+            grads = [gx, grads[0] - gx] if handoff.x_share > 0 else [None, grads[0]]
         gx, gy = grads
         if self.span(k) == 1:
             h.backward(gy if gx is None else gx + gy)

@@ -6,6 +6,9 @@ A split is a sorted tuple of K-1 global layer indices, the *boundaries*: module 
 the reference configs list them, so they can be checked line by line against METHODS.md §3; this module
 converts them.
 
+The tables also register the split families: a family exists because a table file has a block for it under
+``families:`` (:func:`families`), so a method with K labels of its own adds its table blocks and nothing here.
+
 Pure Python + yaml on purpose (no torch, no backbones): callers pass ``num_layers``.
 """
 
@@ -25,8 +28,10 @@ from lla.errors import ConfigError
 
 __all__ = [
     "FAMILIES",
+    "TABLELESS_FAMILIES",
     "Split",
     "balanced_boundaries",
+    "families",
     "global_index",
     "lam_layers",
     "load_table",
@@ -34,9 +39,10 @@ __all__ = [
     "stage_sizes",
 ]
 
-# Which table a method reads. DGL / InfoPro / E2E-like baselines use "infopro".
-# K labels differ per family (§3, §9.1).
-FAMILIES = ("e2e", "infopro", "man", "mlaan", "auglocal", "manpp")
+# Which table a method reads (its class attribute ``split_family``). DGL / InfoPro / E2E-like baselines use
+# "infopro". K labels differ per family (§3, §9.1). Every family but these is declared by the table files
+# themselves (a block under ``families:``); ``lla.splits.FAMILIES`` is :func:`families`, read from them.
+TABLELESS_FAMILIES = ("e2e",)  # one module whatever K says: no table
 
 TABLE_DIR = Path(__file__).with_name("tables")
 
@@ -149,6 +155,20 @@ def balanced_boundaries(num_layers: int, num_modules: int) -> tuple[int, ...]:
     return tuple(ends)
 
 
+def families() -> tuple[str, ...]:
+    """Every split family: ``e2e``, then each name under ``families:`` in any ``tables/<backbone>.yaml``, sorted.
+
+    A table file registers its families itself: nothing else lists them.
+    """
+    return _families(TABLE_DIR)
+
+
+def __getattr__(name: str):
+    if name == "FAMILIES":  # the families the table files declare right now (see families())
+        return families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def load_table(backbone: str) -> dict:
     """The parsed ``tables/<backbone>.yaml`` (a copy); ``{}`` for a backbone without a table."""
     return copy.deepcopy(_read_table(_check_name(backbone)))
@@ -171,8 +191,13 @@ def resolve_split(
     `balanced_memory` ("cifar10" | "stl10") picks the InfoPro* rows of §3.2.
     """
     backbone = _check_name(backbone)
-    if family not in FAMILIES:
-        raise ConfigError("family", f"unknown split family {family!r}", ", ".join(FAMILIES))
+    known = families()
+    if family not in known:
+        raise ConfigError(
+            "family",
+            f"unknown split family {family!r} (no table file declares it under families:)",
+            ", ".join(known),
+        )
     table = _read_table(backbone)
     num_layers = _check_num_layers(backbone, num_layers, table)
     if family == "e2e":  # one module whatever K says
@@ -218,12 +243,27 @@ def lam_layers(backbone: str, k_label: int) -> list[list[int]] | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
 def _read_table(backbone: str) -> dict:
-    path = TABLE_DIR / f"{backbone}.yaml"
+    return _read_file(TABLE_DIR / f"{backbone}.yaml")
+
+
+@functools.cache
+def _read_file(path: Path) -> dict:
+    """A parsed table file, cached by path (so a different TABLE_DIR reads its own files)."""
     if not path.is_file():
         return {}
     return yaml.safe_load(path.read_text()) or {}
+
+
+@functools.cache
+def _families(table_dir: Path) -> tuple[str, ...]:
+    declared: set[str] = set()
+    for path in sorted(table_dir.glob("*.yaml")):
+        for name in _read_file(path).get("families") or {}:
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise ValueError(f"{path}: family {name!r} is not a name (lowercase letters, digits and _)")
+            declared.add(name)
+    return (*TABLELESS_FAMILIES, *sorted(declared - set(TABLELESS_FAMILIES)))
 
 
 def _check_name(backbone: str) -> str:
@@ -316,7 +356,7 @@ def _balanced_memory_split(
     """InfoPro* rows (§3.2): only where a table has them; an explicit request never falls back to balanced."""
     rows = fam.get("balanced_memory") or {}
     if dataset not in rows:
-        where = ", ".join(sorted(rows)) if rows else _balanced_memory_index()
+        where = ", ".join(sorted(rows)) if rows else _balanced_memory_index(TABLE_DIR)
         raise ConfigError(
             "balanced_memory",
             f"no InfoPro* balanced-memory split for {family} on {backbone}/{dataset!r}",
@@ -337,11 +377,11 @@ def _balanced_memory_split(
 
 
 @functools.cache
-def _balanced_memory_index() -> str:
+def _balanced_memory_index(table_dir: Path) -> str:
     """Where balanced-memory rows exist at all, for the error message."""
     found = []
-    for path in sorted(TABLE_DIR.glob("*.yaml")):
-        fams = (_read_table(path.stem).get("families") or {}).items()
+    for path in sorted(table_dir.glob("*.yaml")):
+        fams = (_read_file(path).get("families") or {}).items()
         for name, fam in fams:
             for dataset in (fam or {}).get("balanced_memory") or {}:
                 found.append(f"{path.stem}/{name}/{dataset}")
