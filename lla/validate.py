@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -388,34 +388,3 @@ def check_before_fit(dm, model, method: str = "") -> None:
     if not getattr(dm, "download", False) and hasattr(dm, "check"):
         dm.check()
     check_image_size(model, int(dm.image_size), method)
-
-
-# ---------------------------------------------------------------------------------------------- everything
-def check_run(overrides: Sequence[str], conf_dir: Path = CONF_DIR,
-              build: Callable[[DictConfig], tuple[Any, Any]] | None = None) -> None:
-    """Every check ``python run.py <overrides>`` makes before training, in-process (tests, notebooks)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    check_command(overrides, conf_dir)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-    except Exception as err:
-        mapped = explain_hydra_error(err, overrides, conf_dir)
-        if mapped is None:
-            raise
-        raise mapped from None
-    finally:
-        GlobalHydra.instance().clear()
-    method = str(cfg.hydra.runtime.choices.get("method", ""))
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        del cfg["hydra"]
-    check_config(cfg)
-    if build is None:
-        from lla.cli import build
-    dm, model = build(cfg)
-    check_before_fit(dm, model, method)

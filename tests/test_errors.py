@@ -1,6 +1,6 @@
 """Bad input (issue 8, point 1): one line ``error: <key>: <problem>; allowed: <...>``, exit code 2, no traceback.
 
-The table runs in-process through :func:`lla.validate.check_run`, the same checks ``python run.py`` makes before it
+The table runs in-process through :func:`lla.build.check_run`, the same checks ``python run.py`` makes before it
 trains; four real commands (run side by side) pin down the exit code and the exact shape of stderr.
 """
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lla.build import check_run
 from lla.errors import ConfigError
-from lla.validate import check_command, check_run, closest, explain_hydra_error
+from lla.validate import check_command, closest, explain_hydra_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["dataset=synthetic", "backbone=resnet20", "dataset.image_size=16", "dataset.num_samples=32",
