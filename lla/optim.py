@@ -9,8 +9,7 @@ and scheduler state through the container's ``state_dict``.
 
 from __future__ import annotations
 
-from collections import ChainMap
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,16 +77,46 @@ def _use_fused(requested: bool | None, params: Sequence[nn.Parameter]) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
+class _StateView(MutableMapping):
+    """The container's ``state``: each parameter's entry is read from and written to the inner optimizer that owns
+    the parameter (a missing one is created there, as in a real optimizer's ``defaultdict``)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self._optimizers = optimizers
+        self._owner = {p: opt for opt in optimizers for g in opt.param_groups for p in g["params"]}
+
+    def _owner_of(self, p) -> torch.optim.Optimizer:
+        opt = self._owner.get(p)
+        if opt is None:
+            raise KeyError(p)
+        return opt
+
+    def __getitem__(self, p):
+        return self._owner_of(p).state[p]
+
+    def __setitem__(self, p, value) -> None:
+        self._owner_of(p).state[p] = value
+
+    def __delitem__(self, p) -> None:
+        del self._owner_of(p).state[p]
+
+    def __iter__(self) -> Iterator:
+        return (p for opt in self._optimizers for p in opt.state)
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
+
+
 @steps_with_amp_scaling
 class ModuleOptimizers(torch.optim.Optimizer):
     """K independent SGD optimizers (one per local module) with one LambdaLR each.
 
     A real ``torch.optim.Optimizer`` (its ``__init__`` runs, so step hooks, profiling and pickling work as for any
     optimizer) whose ``param_groups`` are the inner optimizers' groups, the same dicts: anything that reads or sets a
-    group's LR through the container acts on the real optimizer. ``state`` is a live read-through view
-    (``ChainMap``) of the inner optimizers' states: each inner ``state_dict`` packs its own ``state`` by its own
-    parameter indices, so the K optimizers cannot share one dict. Both are re-linked after ``load_state_dict``,
-    which gives the inner optimizers new group dicts and a new state.
+    group's LR through the container acts on the real optimizer; they are re-linked after ``load_state_dict``,
+    which gives the inner optimizers new group dicts. ``state`` is the one remaining stand-in, a live view that
+    reads and writes each parameter's entry in the inner optimizer owning it: the K optimizers cannot share one state
+    dict, because each inner ``state_dict`` packs every key of its own ``state`` by its own parameter indices.
     """
 
     def __init__(self, module_params: Sequence[Sequence[nn.Parameter]], cfg: OptimConfig, epochs: int):
@@ -111,7 +140,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
     def _link(self) -> None:
         """Point ``param_groups`` and ``state`` at the inner optimizers' current groups and states."""
         self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
-        self.state = ChainMap(*(opt.state for opt in self.optimizers))  # type: ignore[assignment]
+        self.state = _StateView(self.optimizers)  # type: ignore[assignment]
 
     # -- the torch.optim.Optimizer surface Lightning touches -------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
