@@ -285,7 +285,7 @@ def run_config(cfg: BenchConfig, steps: int = 3, warmup: int = 1, device: str | 
         trainer.fit(model, train_dataloaders=loader)
     finally:  # a method that crashes mid-step must not leave global saved-tensor hooks behind for the next row
         meter = probe.meter
-        if meter is not None and meter._ctx is not None:
+        if meter is not None and meter.active:
             meter.__exit__(None, None, None)
         for name in ("forward_module", "backward_local"):
             if name in vars(model):
