@@ -50,6 +50,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, RandomSampler
 
+from lla.compat import disable_sigterm_broadcast, fit_data_fetcher, request_sigterm_stop
 from lla.errors import ConfigError
 
 log = logging.getLogger("lla")
@@ -311,7 +312,7 @@ class ResumeState(L.Callback):
         # A multi-worker loader draws its order when the iterator is built, and Lightning built this epoch's in
         # FitLoop.setup_data, before any hook: build it again now that the sampler is reseeded. (Single-process
         # loaders draw at the first batch, after this hook.)
-        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        fetcher = fit_data_fetcher(trainer)
         if any(getattr(dl, "num_workers", 0) > 0 for dl in _train_loaders(trainer)) and fetcher is not None:
             iter(fetcher)
 
@@ -487,9 +488,7 @@ class Preemption(L.Callback):
         self._installed = True
         # Lightning broadcasts its SIGTERM flag from rank 0 and reads it on the host before every batch under DDP;
         # the stop is agreed in on_train_batch_end instead (and its flag is only set once all ranks agreed).
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-            epoch_loop._broadcast_sigterm_tensor = lambda: None
+        disable_sigterm_broadcast(trainer)
 
     def _handle(self, signum, frame) -> None:
         """Only records the signal: no logging, no collective, no I/O inside a signal handler."""
@@ -525,11 +524,8 @@ class Preemption(L.Callback):
         code = self._agree()
         if code and self.stopped_by is None:
             self.stopped_by = "interrupted" if code >= self.INTERRUPT else "preempted"
-            connector = getattr(trainer, "_signal_connector", None)
-            if connector is not None and hasattr(connector, "received_sigterm"):
-                # Lightning's own stop: SIGTERMException once this batch is fully accounted for (same on all ranks)
-                connector.received_sigterm = True
-            else:
+            # Lightning's own stop: SIGTERMException once this batch is fully accounted for (same on all ranks)
+            if not request_sigterm_stop(trainer):
                 raise SIGTERMException()
 
     def _agree(self) -> int:

@@ -9,10 +9,8 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lla import naming, validate  # validate registers the resolvers conf/config.yaml uses
+from lla.build import CONF_DIR, build, git_commit, quiet_lightning
 from lla.errors import ConfigError
 
 log = logging.getLogger("lla")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")  # resuming
-    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")  # resuming
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning vs newer torch
-    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")  # lla.engine's, on purpose
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # tiny runs
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def run_name_from_overrides(overrides: list[str]) -> str:
@@ -99,35 +76,13 @@ def end_line(result: dict[str, Any]) -> str:
 
 def finish_wandb(logger: Any, exit_code: int = 0) -> None:
     """End this job's W&B run, so the next job of a multirun (same process) starts its own; never raises."""
-    if logger and "Wandb" in type(logger).__name__ and getattr(logger, "_experiment", None) is not None:
+    from lla.compat import logger_experiment_started
+
+    if logger and "Wandb" in type(logger).__name__ and logger_experiment_started(logger):
         try:
             logger.experiment.finish(exit_code=exit_code)
         except Exception as err:
             log.warning("wandb finish failed: %s", err)
-
-
-def build(cfg: DictConfig, choices: dict[str, str] | None = None):
-    """Instantiate (datamodule, model) from a composed config; every check happens before data loads."""
-    from lla.config import check_keys, instantiate_checked
-
-    validate.check_config(cfg)
-    check_keys(cfg.dataset, "dataset")
-    check_keys(cfg.method, "method", provided={"backbone", "k", "num_classes", "image_size", "optim",
-                                                "max_epochs", "denormalize"})
-    if cfg.k is None or int(cfg.k) < 1:
-        raise ConfigError("k", f"must be a positive integer, got {cfg.k}", "1..number of layers of the backbone")
-    dm = instantiate_checked(cfg.dataset, "dataset")
-    backbone = instantiate_checked(cfg.backbone, "backbone", num_classes=dm.num_classes)
-    model = instantiate_checked(
-        cfg.method, "method", backbone=backbone, k=int(cfg.k), num_classes=dm.num_classes,
-        image_size=dm.image_size, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        max_epochs=int(cfg.trainer.max_epochs), denormalize=dm.denormalize)
-    if cfg.get("channels_last", False):
-        model.use_channels_last()
-    trainer_cfg = cfg.get("trainer") or {}  # per-module accumulation/clipping: the engine's, never the Trainer's
-    model.configure_module_steps(trainer_cfg.get("accumulate_grad_batches", 1) or 1,
-                                 trainer_cfg.get("gradient_clip_val"), trainer_cfg.get("gradient_clip_algorithm"))
-    return dm, model
 
 
 def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: list[str],
@@ -142,7 +97,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     from lla.checkpointing import RunLock, reliability_callbacks, resolve_resume, stop_status, trainer_plugins
     from lla.loggers import make_logger
 
-    _quiet_lightning()
+    quiet_lightning()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = run_name_from_overrides(overrides)
@@ -232,7 +187,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         "per_rank": per_rank,  # {figure: [rank 0, rank 1, ...]} under DDP, else null
         "train_time_s": time.time() - t0,
         "overrides": overrides,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "output_dir": str(out_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -36,16 +36,26 @@ import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from lla.compat import (
+    BatchNorm,
+    SubprocessScriptLauncher,
+    call_children_scripts,
+    flatten_dense_tensors,
+    non_persistent_buffer_names,
+    privateuse1_backend_name,
+    set_strategy_launcher,
+    set_strategy_layer_sync,
+    strategy_launcher,
+    strategy_layer_sync,
+    unflatten_dense_tensors,
+)
 from lla.errors import ConfigError
 
 #: devices on which torch's own SyncBatchNorm runs (its kernels are GPU-only); elsewhere AllReduceSyncBatchNorm
-_TORCH_SYNC_BN_DEVICES = ("cuda", "xpu", "hpu", torch._C._get_privateuse1_backend_name())
+_TORCH_SYNC_BN_DEVICES = ("cuda", "xpu", "hpu", privateuse1_backend_name())
 
 
 # ---------------------------------------------------------------------------------------------------- state sync
@@ -56,9 +66,9 @@ def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0, group=None) -> No
     for t in tensors:
         by_kind.setdefault((t.device, t.dtype), []).append(t)
     for group_tensors in by_kind.values():
-        flat = _flatten_dense_tensors(group_tensors)
+        flat = flatten_dense_tensors(group_tensors)
         dist.broadcast(flat, src=src, group=group)
-        for t, new in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors)):
+        for t, new in zip(group_tensors, unflatten_dense_tensors(flat, group_tensors)):
             t.copy_(new)
 
 
@@ -66,7 +76,7 @@ def persistent_buffers(module: nn.Module) -> Iterator[Tensor]:
     """Buffers a checkpoint carries (BN running stats), not scratch ones such as the engine's loss sums."""
     for mod in module.modules():
         for name, buf in mod.named_buffers(recurse=False):
-            if buf is not None and name not in mod._non_persistent_buffers_set:
+            if buf is not None and name not in non_persistent_buffer_names(mod):
                 yield buf
 
 
@@ -193,14 +203,14 @@ class _SumAcrossRanks(torch.autograd.Function):
         return grad
 
 
-class AllReduceBatchNorm(_BatchNorm):
+class AllReduceBatchNorm(BatchNorm):
     """BatchNorm whose training statistics are those of the global batch (all ranks), on any device.
 
     Two differentiable all-reduces per layer (sum and count, then the centred sum of squares), so it is slower than
     torch's fused GPU SyncBatchNorm: :class:`LocalDDPStrategy` uses it only where that one cannot run (CPU).
     """
 
-    reverts_to: type[_BatchNorm] = nn.BatchNorm2d
+    reverts_to: type[BatchNorm] = nn.BatchNorm2d
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -229,10 +239,10 @@ class AllReduceBatchNorm(_BatchNorm):
         return out
 
 
-def _swap_batchnorm(module: nn.Module, convert: Callable[[_BatchNorm], _BatchNorm | None]) -> nn.Module:
+def _swap_batchnorm(module: nn.Module, convert: Callable[[BatchNorm], BatchNorm | None]) -> nn.Module:
     """Replace every BN child for which ``convert`` returns a module; parameters and buffers are shared, not copied."""
     for name, child in module.named_children():
-        new = convert(child) if isinstance(child, _BatchNorm) else None
+        new = convert(child) if isinstance(child, BatchNorm) else None
         if new is None:
             _swap_batchnorm(child, convert)
             continue
@@ -246,7 +256,7 @@ def _swap_batchnorm(module: nn.Module, convert: Callable[[_BatchNorm], _BatchNor
     return module
 
 
-def _bn_args(bn: _BatchNorm) -> tuple:
+def _bn_args(bn: BatchNorm) -> tuple:
     return bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats
 
 
@@ -254,7 +264,7 @@ class AllReduceSyncBatchNorm(LayerSync):
     """Lightning layer-sync plugin: every BatchNorm becomes :class:`AllReduceBatchNorm` for the fit, then reverts."""
 
     def apply(self, model: nn.Module) -> nn.Module:
-        def to_sync(bn: _BatchNorm) -> _BatchNorm | None:
+        def to_sync(bn: BatchNorm) -> BatchNorm | None:
             if isinstance(bn, (AllReduceBatchNorm, nn.SyncBatchNorm)):
                 return None
             new = AllReduceBatchNorm(*_bn_args(bn))
@@ -264,7 +274,7 @@ class AllReduceSyncBatchNorm(LayerSync):
         return _swap_batchnorm(model, to_sync)
 
     def revert(self, model: nn.Module) -> nn.Module:
-        def back(bn: _BatchNorm) -> _BatchNorm | None:
+        def back(bn: BatchNorm) -> BatchNorm | None:
             return bn.reverts_to(*_bn_args(bn)) if isinstance(bn, AllReduceBatchNorm) else None
 
         return _swap_batchnorm(model, back)
@@ -296,7 +306,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-class LocalLauncher(_SubprocessScriptLauncher):
+class LocalLauncher(SubprocessScriptLauncher):
     """Lightning's popen launcher (rank 0 re-runs the command once per other local rank), such that no process of
     the run outlives it:
 
@@ -317,7 +327,7 @@ class LocalLauncher(_SubprocessScriptLauncher):
         self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
         if not self.cluster_environment.creates_processes_externally:
             os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
-            self._call_children_scripts()
+            call_children_scripts(self)
             atexit.register(self.reap)
             threading.Thread(target=self._watch, name="lla-rank-watch", daemon=True).start()
         elif os.environ.get(_LAUNCHER_PID_ENV) == str(os.getppid()):
@@ -388,14 +398,15 @@ class LocalDDPStrategy(DDPStrategy):
         self.grad_sync: ModuleGradSync | None = None
 
     def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):
-            self._launcher = LocalLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        super()._configure_launcher()  # (a private hook of DDPStrategy; tests/test_compat.py checks it is called)
+        if isinstance(strategy_launcher(self), SubprocessScriptLauncher):
+            set_strategy_launcher(self, LocalLauncher(self.cluster_environment, self.num_processes, self.num_nodes))
 
     def setup(self, trainer) -> None:
         # torch's SyncBatchNorm raises on CPU; swap in the portable one so trainer.sync_batchnorm=true still works
-        if isinstance(self._layer_sync, TorchSyncBatchNorm) and self.root_device.type not in _TORCH_SYNC_BN_DEVICES:
-            self._layer_sync = AllReduceSyncBatchNorm()
+        if isinstance(strategy_layer_sync(self), TorchSyncBatchNorm) and \
+                self.root_device.type not in _TORCH_SYNC_BN_DEVICES:
+            set_strategy_layer_sync(self, AllReduceSyncBatchNorm())
         super().setup(trainer)
 
     def configure_ddp(self) -> None:
@@ -430,8 +441,8 @@ class LocalDDPStrategy(DDPStrategy):
                     if _is_comm_error(exception) else "")
             print(f"lla: rank {rank}/{world} failed: {type(exception).__name__}: {exception}{hint}",
                   file=sys.stderr, flush=True)
-        launcher = self._launcher
-        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+        launcher = strategy_launcher(self)
+        if isinstance(launcher, SubprocessScriptLauncher) and launcher.procs:
             # rank 0 launched the others (popen): kill them, or an NCCL peer would wait for the timeout
             launcher.kill(signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lla.compat import foreach_copy_, foreach_lerp_
 from lla.errors import ConfigError
 
 
@@ -37,6 +38,6 @@ def ema_update(ema: nn.Module, target: nn.Module, momentum: float) -> None:
     if momentum == 1.0:
         return
     if momentum == 0.0:
-        torch._foreach_copy_(ema_params, target_params)
+        foreach_copy_(ema_params, target_params)
         return
-    torch._foreach_lerp_(ema_params, target_params, 1.0 - momentum)
+    foreach_lerp_(ema_params, target_params, 1.0 - momentum)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lla.compat import attached_trainer
 from lla.errors import ConfigError
 from lla.optim import ModuleOptimizers, OptimConfig, check_clipping
 from lla.recompute import set_recompute
@@ -306,7 +307,7 @@ class LocalLearner(L.LightningModule):
         n = self.accumulate_grad_batches
         if n == 1 or (batch_idx + 1) % n == 0:
             return True
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None:
             return False
         total = trainer.num_training_batches
@@ -318,7 +319,8 @@ class LocalLearner(L.LightningModule):
         modules step after the next loss so the all-reduce runs behind that module's compute, or a synchronous
         no-op in one process, whose modules step at once. Looked up once per fit (``on_fit_start``)."""
         if self._sync is None:
-            sync = getattr(self._trainer.strategy, "grad_sync", None) if self._trainer is not None else None
+            trainer = attached_trainer(self)
+            sync = getattr(trainer.strategy, "grad_sync", None) if trainer is not None else None
             self._sync = (sync, True) if sync is not None else (NO_SYNC, False)
         return self._sync
 

@@ -99,14 +99,14 @@ def evaluate(cfg: DictConfig, out_dir: Path, overrides: list[str], choices: dict
     """Evaluate ``cfg.ckpt_path`` with its run's config; writes and returns ``eval.json``'s content."""
     import torch
 
-    from lla.cli import _quiet_lightning, build
+    from lla.build import build, quiet_lightning
 
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path", "mode=eval needs a checkpoint", "ckpt_path=<run dir>/checkpoints/best.ckpt")
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     if not ckpt.is_file():
         raise ConfigError("ckpt_path", f"{ckpt} does not exist", "a .ckpt file written by a training run")
-    _quiet_lightning()
+    quiet_lightning()
     run_dir = find_run_dir(ckpt)
     run_cfg, ignored = apply_overrides(load_run_config(run_dir), cfg, overrides, set(choices or {}))
     for override in ignored:

@@ -119,9 +119,11 @@ def make_logger(logger_cfg: Any, out_dir: Path, *, name: str, job_type: str, gro
 def _start(logger_cfg: Any, extra: dict) -> Any:
     from hydra.utils import instantiate
 
+    from lla.compat import wandb_init_kwargs
+
     logger = instantiate(logger_cfg, **extra)
-    init = getattr(logger, "_wandb_init", None)
-    if isinstance(init, dict):
+    init = wandb_init_kwargs(logger)
+    if init is not None:
         init.pop("anonymous", None)  # Lightning passes it; W&B warns that it has no effect
     if hasattr(logger, "experiment"):
         logger.experiment  # start it now: a W&B failure shows here, not in the middle of training  # noqa: B018
@@ -144,8 +146,11 @@ class CSVLogger(_csv_base()):
 
     @property
     def experiment(self):
-        if self._experiment is not None:
-            return self._experiment
+        from lla.compat import started_experiment
+
+        started = started_experiment(self)
+        if started is not None:
+            return started
         import csv
 
         path = Path(self.log_dir) / "metrics.csv"

@@ -87,3 +87,8 @@ class SavedTensorMeter:
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
         self._ctx = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the saved-tensor hooks are installed (inside ``with meter:``)."""
+        return self._ctx is not None

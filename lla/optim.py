@@ -9,13 +9,14 @@ and scheduler state through the container's ``state_dict``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lla.compat import foreach_mul_, fused_kernel_devices, steps_with_amp_scaling
 from lla.errors import ConfigError
 from lla.schedules import SCHEDULES, lr_factor
 
@@ -72,24 +73,53 @@ def _use_fused(requested: bool | None, params: Sequence[nn.Parameter]) -> bool:
     ``optim.fused=false`` gives torch's CPU for-loop. Auto: on where supported."""
     if requested is not None:
         return requested
-    devices = _fused_devices()
+    devices = fused_kernel_devices()
     return bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
 
 
-def _fused_devices() -> tuple[str, ...]:
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    return tuple(_get_fused_kernels_supported_devices())
+class _StateView(MutableMapping):
+    """The container's ``state``: each parameter's entry is read from and written to the inner optimizer that owns
+    the parameter (a missing one is created there, as in a real optimizer's ``defaultdict``)."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self._optimizers = optimizers
+        self._owner = {p: opt for opt in optimizers for g in opt.param_groups for p in g["params"]}
+
+    def _owner_of(self, p) -> torch.optim.Optimizer:
+        opt = self._owner.get(p)
+        if opt is None:
+            raise KeyError(p)
+        return opt
+
+    def __getitem__(self, p):
+        return self._owner_of(p).state[p]
+
+    def __setitem__(self, p, value) -> None:
+        self._owner_of(p).state[p] = value
+
+    def __delitem__(self, p) -> None:
+        del self._owner_of(p).state[p]
+
+    def __iter__(self) -> Iterator:
+        return (p for opt in self._optimizers for p in opt.state)
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
 
 
+@steps_with_amp_scaling
 class ModuleOptimizers(torch.optim.Optimizer):
     """K independent SGD optimizers (one per local module) with one LambdaLR each.
 
-    ``param_groups`` is the concatenation of the inner groups (the same dicts), so anything that reads or sets a
-    group's LR through the container acts on the real optimizer.
+    A real ``torch.optim.Optimizer`` (its ``__init__`` runs, so step hooks, profiling and pickling work as for any
+    optimizer) whose ``param_groups`` are the inner optimizers' groups, the same dicts: anything that reads or sets a
+    group's LR through the container acts on the real optimizer; they are re-linked after ``load_state_dict``,
+    which gives the inner optimizers new group dicts. ``state`` is the one remaining stand-in, a live view that
+    reads and writes each parameter's entry in the inner optimizer owning it: the K optimizers cannot share one state
+    dict, because each inner ``state_dict`` packs every key of its own ``state`` by its own parameter indices.
     """
 
     def __init__(self, module_params: Sequence[Sequence[nn.Parameter]], cfg: OptimConfig, epochs: int):
-        # Deliberately not calling Optimizer.__init__: this object owns no parameters of its own.
         self.cfg = cfg
         self.optimizers = [
             torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -98,34 +128,21 @@ class ModuleOptimizers(torch.optim.Optimizer):
         ]
         factor = lr_factor(cfg.schedule, cfg.lr, max(int(epochs), 1), cfg.warmup_epochs, cfg.warmup_start_lr)
         self.schedulers = [LambdaLR(opt, factor) for opt in self.optimizers]
-        self.defaults = dict(self.optimizers[0].defaults) if self.optimizers else {}
+        defaults = dict(self.optimizers[0].defaults) if self.optimizers else {}
+        # the inner groups themselves (not copies), so both views share them; they already hold every default
+        super().__init__([g for opt in self.optimizers for g in opt.param_groups], defaults)
+        self._link()
         self._stepped = [False] * len(self.optimizers)
         self.scaler: torch.amp.GradScaler | None = None  # use_scaler(), under precision=16-mixed
         self.clip_value, self.clip_algorithm = None, "norm"  # set_clipping()
         self._zero_momentum_buffers()
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
+
+    def _link(self) -> None:
+        """Point ``param_groups`` and ``state`` at the inner optimizers' current groups and states."""
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+        self.state = _StateView(self.optimizers)  # type: ignore[assignment]
 
     # -- the torch.optim.Optimizer surface Lightning touches -------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict]:  # type: ignore[override]
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    @param_groups.setter
-    def param_groups(self, value) -> None:  # Optimizer internals may assign; the inner optimizers own the groups.
-        pass
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        merged: dict = {}
-        for opt in self.optimizers:
-            merged.update(opt.state)
-        return merged
-
-    @state.setter
-    def state(self, value) -> None:
-        pass
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
@@ -145,6 +162,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
                 group["fused"] = fused
         for sch, sd in zip(self.schedulers, state_dict.get("schedulers", [])):
             sch.load_state_dict(sd)
+        self._link()
         self._zero_momentum_buffers()  # a checkpoint written before a module's first step has none
 
     def __repr__(self) -> str:
@@ -168,7 +186,7 @@ class ModuleOptimizers(torch.optim.Optimizer):
         """Multiply module j's gradients by ``factor`` in place (the mean of an accumulation window)."""
         grads = [p.grad for g in self.optimizers[j].param_groups for p in g["params"] if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, factor)
+            foreach_mul_(grads, factor)
 
     def _zero_momentum_buffers(self) -> None:
         """Create every missing momentum buffer as zeros. With dampening 0 the first step then computes
@@ -209,14 +227,13 @@ class ModuleOptimizers(torch.optim.Optimizer):
         opt.zero_grad(set_to_none=True)
         self._stepped[j] = True
 
-    # GradScaler.step(container) hands itself to step() instead of unscaling the container: its gradients are
-    # already unscaled, stepped and freed module by module, so there is nothing left to check (lightning's
-    # MixedPrecision plugin reads this flag too, and skips its own unscale_).
-    _step_supports_amp_scaling = True
-
     @torch.no_grad()
     def step(self, closure=None, grad_scaler=None):  # type: ignore[override]
-        """Once per batch: step any module not stepped yet (none, in the engine's loop) and reset the flags."""
+        """Once per batch: step any module not stepped yet (none, in the engine's loop) and reset the flags.
+
+        ``@steps_with_amp_scaling``: GradScaler.step(container) hands itself to this method instead of unscaling the
+        container, whose gradients are already unscaled, stepped and freed module by module, so there is nothing left
+        to check (Lightning's MixedPrecision plugin reads the flag too and skips its own ``unscale_``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -21,9 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lla.compat import BatchNorm, DropoutNd
+
 #: a segment ends after one of these (conv-BN-ReLU is one segment)
 SEGMENT_ENDS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
-_BN = nn.modules.batchnorm._BatchNorm
+_BN = BatchNorm
 
 
 @contextmanager
@@ -76,7 +78,7 @@ def run_segment(modules: nn.Module | Sequence[nn.Module], x: Tensor, enabled: bo
         for m in seq:
             x = m(x)
         return x
-    random = any(isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0 for m in seq for sub in m.modules())
+    random = any(isinstance(sub, DropoutNd) and sub.p > 0 for m in seq for sub in m.modules())
     return checkpoint(_Segment(seq), x, use_reentrant=True, preserve_rng_state=random)
 
 

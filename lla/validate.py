@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lla import naming
 from lla.errors import ConfigError
@@ -164,10 +164,10 @@ def _values(override) -> list[str]:
 
 def command_overrides(argv: Sequence[str]) -> list[str] | None:
     """The ``key=value`` overrides of a ``run.py`` command line, read with Hydra's own argument parser."""
-    from hydra._internal.utils import get_args_parser
+    from lla.compat import hydra_args_parser
 
     try:
-        args, _ = get_args_parser().parse_known_args(list(argv))
+        args, _ = hydra_args_parser().parse_known_args(list(argv))
     except SystemExit:  # argparse has printed a usage error; Hydra will print it again and exit 2
         return None
     return list(args.overrides or [])
@@ -238,9 +238,57 @@ def unknown_key(key: str, overrides: Sequence[str], conf_dir: Path = CONF_DIR) -
     return ConfigError(key, problem, closest(leaf, valid, f"{parent}." if parent else ""))
 
 
+def failed_override(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> tuple[str, str] | None:
+    """Which key override Hydra could not apply, found by applying them as Hydra does (in order, to the config with
+    the command's group choices) and reading OmegaConf's typed errors, never Hydra's messages:
+    ``("unknown", key)`` (``key=v`` or ``~key`` on a key that is not there), ``("exists", key)`` (``+key=v`` on one
+    that is), ``("other", key)`` (any other failure), or None when every override applies."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    composed = _compose_groups(overrides, conf_dir)
+    if composed is None:
+        return None
+    cfg, _ = composed
+    groups = config_groups(conf_dir)
+    for o in _parse(overrides):
+        key = o.key_or_group
+        if key in groups or o.is_sweep_override():
+            continue
+        try:
+            value = o.value()
+            current = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if o.is_delete():
+                if current is None:
+                    return "unknown", key
+                if value is not None and value != current:
+                    return "other", key
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                with open_dict(node):
+                    del node[leaf]
+            elif o.is_add():
+                if current is not None and not isinstance(value, (dict, list)):
+                    return "exists", key
+                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+            elif o.is_force_add():
+                OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+            else:
+                OmegaConf.update(cfg, key, value, merge=True)
+        except (ConfigAttributeError, ConfigKeyError) as err:
+            return "unknown", str(err.full_key or key)
+        except OmegaConfBaseException:
+            return "other", key
+    return None
+
+
 def explain_hydra_error(err: BaseException, argv: Sequence[str], conf_dir: Path = CONF_DIR) -> ConfigError | None:
-    """A one-line ConfigError for an error Hydra raised while reading the command or composing; None otherwise."""
+    """A one-line ConfigError for an error Hydra raised while reading the command or composing; None otherwise.
+
+    The error is recognised by its type and structure (the OmegaConf error it was raised from and that error's
+    ``full_key``; MissingConfigException's ``missing_cfg_file`` and ``options``; otherwise the override that fails
+    when applied as Hydra applies it), never by its message text: only the fallback line quotes Hydra's message."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     overrides = command_overrides(argv) or []
     if isinstance(err, OverrideParseException):
@@ -253,13 +301,14 @@ def explain_hydra_error(err: BaseException, argv: Sequence[str], conf_dir: Path 
             return ConfigError(group, f"unknown {group} {name!r}", closest(name, options))
         return ConfigError("config", _first_line(err))
     if isinstance(err, ConfigCompositionException):
-        message = str(err)
-        key = getattr(err.__cause__, "full_key", None)
-        quoted = re.search(r"'([^']+)'", message)
-        key = key or (quoted.group(1) if quoted else None)
-        if key and ("Could not override" in message or "does not exist" in message):
-            return unknown_key(str(key), overrides, conf_dir)
-        if key and "Could not append" in message:
+        cause = err.__cause__
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+            return unknown_key(str(cause.full_key), overrides, conf_dir)  # ``key=v`` on a key that is not there
+        failed = failed_override(overrides, conf_dir)
+        if failed is not None and failed[0] == "unknown":
+            return unknown_key(failed[1], overrides, conf_dir)
+        if failed is not None and failed[0] == "exists":
+            key = failed[1]
             return ConfigError(key, "already exists, so it cannot be added with +", f"{key}=<value>")
         return ConfigError("config", _first_line(err))
     return None
@@ -388,34 +437,3 @@ def check_before_fit(dm, model, method: str = "") -> None:
     if not getattr(dm, "download", False) and hasattr(dm, "check"):
         dm.check()
     check_image_size(model, int(dm.image_size), method)
-
-
-# ---------------------------------------------------------------------------------------------- everything
-def check_run(overrides: Sequence[str], conf_dir: Path = CONF_DIR,
-              build: Callable[[DictConfig], tuple[Any, Any]] | None = None) -> None:
-    """Every check ``python run.py <overrides>`` makes before training, in-process (tests, notebooks)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    check_command(overrides, conf_dir)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-    except Exception as err:
-        mapped = explain_hydra_error(err, overrides, conf_dir)
-        if mapped is None:
-            raise
-        raise mapped from None
-    finally:
-        GlobalHydra.instance().clear()
-    method = str(cfg.hydra.runtime.choices.get("method", ""))
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        del cfg["hydra"]
-    check_config(cfg)
-    if build is None:
-        from lla.cli import build
-    dm, model = build(cfg)
-    check_before_fit(dm, model, method)

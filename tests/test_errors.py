@@ -1,6 +1,6 @@
 """Bad input (issue 8, point 1): one line ``error: <key>: <problem>; allowed: <...>``, exit code 2, no traceback.
 
-The table runs in-process through :func:`lla.validate.check_run`, the same checks ``python run.py`` makes before it
+The table runs in-process through :func:`lla.build.check_run`, the same checks ``python run.py`` makes before it
 trains; four real commands (run side by side) pin down the exit code and the exact shape of stderr.
 """
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lla.build import check_run
 from lla.errors import ConfigError
-from lla.validate import check_command, check_run, closest, explain_hydra_error
+from lla.validate import check_command, closest, explain_hydra_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["dataset=synthetic", "backbone=resnet20", "dataset.image_size=16", "dataset.num_samples=32",
@@ -112,3 +113,49 @@ def test_commands_print_one_error_line_and_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), (key, errs)
         assert "allowed: " in lines[0] and "Traceback" not in errs + out
     assert not (tmp_path / "outputs" / "method=nope").exists()  # nothing was created for a command Hydra never ran
+
+
+def _compose_error(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    except Exception as err:
+        return err
+    finally:
+        GlobalHydra.instance().clear()
+    raise AssertionError(f"{overrides} composed without an error")
+
+
+def _same_structure_other_text(err):
+    """An exception of the same type, cause type, keys and options as ``err``, with none of its words."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(err, MissingConfigException):
+        return MissingConfigException("reworded", missing_cfg_file=err.missing_cfg_file, options=err.options)
+    fake = type(err)("reworded")
+    cause = err.__cause__
+    if cause is not None:
+        fake.__cause__ = type(cause)("reworded too")
+        fake.__cause__.full_key = cause.full_key
+    return fake
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["trainer.max_epoch=3"], "trainer.max_epoch"),  # Could not override (cause: ConfigAttributeError)
+    (["method=dgl", "method.ema_momentum=0.9"], "method.ema_momentum"),
+    (["~trainer.max_epoch"], "trainer.max_epoch"),  # Could not delete: does not exist (no cause)
+    (["+seed=1"], "seed"),  # Could not append: already there (no cause)
+    (["method=nope"], "method"),  # MissingConfigException
+])
+def test_hydra_errors_are_recognised_by_type_and_structure_not_message_text(overrides, key):
+    """A Hydra upgrade that rewords its messages changes nothing: the same exception type and structure with other
+    words maps to the same one-line error."""
+    real = _compose_error(overrides)
+    expected = explain_hydra_error(real, overrides)
+    assert expected is not None and expected.key == key
+    reworded = explain_hydra_error(_same_structure_other_text(real), overrides)
+    assert reworded is not None and str(reworded) == str(expected)

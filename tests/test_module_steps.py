@@ -121,7 +121,7 @@ def test_last_partial_window_steps_at_epoch_end_on_its_own_mean():
 
 
 def test_accumulation_and_clipping_reach_the_model_from_the_config():
-    from lla.validate import check_run
+    from lla.build import check_run
 
     seen = {}
 
@@ -146,7 +146,7 @@ def test_accumulation_and_clipping_reach_the_model_from_the_config():
     ("trainer.gradient_clip_algorithm=max", "trainer.gradient_clip_algorithm"),
 ])
 def test_bad_accumulation_and_clipping_values_are_one_line_errors(override, key):
-    from lla.validate import check_run
+    from lla.build import check_run
 
     with pytest.raises(ConfigError) as err:
         check_run(["method=dgl", override])

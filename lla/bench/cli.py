@@ -68,7 +68,7 @@ def environment(args, device) -> dict[str, Any]:
     import lightning
     import torch
 
-    from lla.cli import _git_commit
+    from lla.build import git_commit
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -81,7 +81,7 @@ def environment(args, device) -> dict[str, Any]:
             pass
     return {"torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version(),
             "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "loadavg_start": _loadavg(), "git_commit": _git_commit(),
+            "cpu_count": os.cpu_count(), "loadavg_start": _loadavg(), "git_commit": git_commit(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "suite": args.suite,
             "steps": args.steps, "warmup": args.warmup, "argv": sys.argv[1:]}
 

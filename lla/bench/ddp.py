@@ -77,10 +77,10 @@ def _bench_worker(rank: int, world_size: int, spec: dict, out: str) -> None:
     import lightning as L
     from hydra import compose, initialize_config_dir
 
+    from lla.build import CONF_DIR, build, quiet_lightning
     from lla.callbacks import StepTimer
-    from lla.cli import CONF_DIR, _quiet_lightning, build
 
-    _quiet_lightning()
+    quiet_lightning()
     per_step = spec["batch_size"] * world_size
     overrides = [f"method={spec['method']}", f"backbone={spec['backbone']}", "dataset=synthetic", f"k={spec['k']}",
                  f"dataset.batch_size={spec['batch_size']}", f"dataset.image_size={spec['image_size']}",

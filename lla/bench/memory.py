@@ -122,7 +122,7 @@ class TrainingMemoryMeter(SavedTensorMeter):
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._ctx is not None:
+        if self.active:
             super().__exit__(*exc)
         for h in self._handles:
             h.remove()

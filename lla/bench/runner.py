@@ -1,7 +1,7 @@
 """Run one benchmark configuration: real training steps of the engine, timed, then one step measured.
 
 The model is built exactly as ``lla-train`` builds it (the Hydra config composed from ``conf/``, then
-:func:`lla.cli.build`) and trained by a Lightning Trainer, so every figure is the engine's own ``training_step``:
+:func:`lla.build.build`) and trained by a Lightning Trainer, so every figure is the engine's own ``training_step``:
 
 * steps ``0..warmup-1``: warm-up (allocator, optimizer state, autotuning), not measured;
 * the next ``steps`` steps: timed WITHOUT hooks (median wall time; CUDA peaks reset before each step). On CUDA
@@ -103,7 +103,7 @@ def build_model(cfg: BenchConfig):
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
 
-    from lla.cli import CONF_DIR, build
+    from lla.build import CONF_DIR, build
 
     if not (Path(CONF_DIR) / "method" / f"{cfg.method}.yaml").is_file():
         raise MethodUnavailable(f"no conf/method/{cfg.method}.yaml in this checkout")
@@ -218,9 +218,9 @@ def _callback_class():
 
 
 def _quiet() -> None:
-    from lla.cli import _quiet_lightning
+    from lla.build import quiet_lightning
 
-    _quiet_lightning()
+    quiet_lightning()
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*max_epochs.*")
@@ -285,7 +285,7 @@ def run_config(cfg: BenchConfig, steps: int = 3, warmup: int = 1, device: str | 
         trainer.fit(model, train_dataloaders=loader)
     finally:  # a method that crashes mid-step must not leave global saved-tensor hooks behind for the next row
         meter = probe.meter
-        if meter is not None and meter._ctx is not None:
+        if meter is not None and meter.active:
             meter.__exit__(None, None, None)
         for name in ("forward_module", "backward_local"):
             if name in vars(model):
