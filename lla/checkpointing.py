@@ -1,6 +1,6 @@
 """Checkpoints that survive crashes, preemption and diverging losses, and a resume that continues the same run.
 
-What a run folder holds and when it is written (DESIGN.md "Properties to keep": nothing a user needs is lost):
+What a run folder holds and when it is written (docs/architecture.md#properties-to-keep: nothing a user needs is lost):
 
 * ``checkpoints/last.ckpt``: every ``checkpoint.every_n_steps`` optimizer steps, at every epoch end, and when SIGTERM
   (or SLURM's / submitit's SIGUSR1 / SIGUSR2, or Ctrl-C's SIGINT) stops the run (:class:`Preemption`: every rank

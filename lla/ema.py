@@ -1,4 +1,4 @@
-"""The one EMA helper used by MAN and MLAAN (METHODS.md §5.5.5, §5.6).
+"""The one EMA helper used by MAN and MLAAN (docs/methods/man.md#ema-copies, docs/methods/mlaan.md).
 
 Parameters only: BN running statistics are *not* averaged, as in the reference code; an EMA copy keeps its own
 running stats from its own train-mode forwards (never used at inference, since evaluation ignores aux nets).

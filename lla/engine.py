@@ -1,6 +1,6 @@
 """The per-module training engine every method subclasses.
 
-One training step (DESIGN.md "One training step, as data")::
+One training step (docs/architecture.md#one-training-step-as-data)::
 
     h = x
     for k in 0..K-1:
@@ -74,7 +74,7 @@ class LocalLearner(L.LightningModule):
             (:mod:`lla.recompute`): less memory per module, one more aux forward per step.
     """
 
-    #: which K-label table this method reads (METHODS.md §3); see lla.splits.FAMILIES
+    #: which K-label table this method reads (docs/splits.md#tables); see lla.splits.FAMILIES
     split_family: str = "infopro"
 
     def __init__(self, backbone: nn.Module, k: int = 1, num_classes: int = 10, image_size: int = 32,

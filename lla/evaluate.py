@@ -3,7 +3,7 @@
 The network is rebuilt from the training run's own ``config.yaml`` (found next to the ``checkpoints/`` folder), not
 from today's defaults, so a checkpoint evaluates the same way after conf/ changes. Overrides on the eval command line
 (``dataset.root=...``, ``trainer=gpu``, ``dataset.eval_batch_size=...``) still apply on top. Evaluation runs on one
-device over the validation split, which is the test split for every dataset lla ships (METHODS.md §9.13); the
+device over the validation split, which is the test split for every dataset lla ships (docs/recipes.md#test-as-validation); the
 numbers go to ``eval.json`` in the eval command's own output folder and to ``eval_<checkpoint>.json`` in the run's.
 """
 

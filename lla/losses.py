@@ -13,7 +13,7 @@ _MASKED = -1e9
 
 def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07,
                                 base_temperature: float = 0.07) -> Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020) with one view, as InfoPro's ``contrast`` mode (§5.3).
+    """Supervised contrastive loss (Khosla et al. 2020) with one view, as InfoPro's ``contrast`` mode (docs/methods/infopro.md).
 
     ``features`` (N, F) are L2-normalised here (normalising twice changes nothing, so already-normalised input is
     fine). For anchor i with positives P(i) = {j != i : y_j = y_i}::

@@ -23,7 +23,7 @@ from lla.schedules import SCHEDULES, lr_factor
 
 @dataclass
 class OptimConfig:
-    """SGD recipe shared by every reference script (§6.1): momentum 0.9, nesterov, wd 1e-4 on all parameters."""
+    """SGD recipe shared by every reference script (docs/recipes.md#cifar-recipe): momentum 0.9, nesterov, wd 1e-4 on all parameters."""
 
     lr: float = 0.1
     momentum: float = 0.9

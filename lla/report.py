@@ -1,8 +1,8 @@
 """``lla-report <dirs...>``: results.json files -> paper-style tables (Markdown, CSV) and PNG plots.
 
 Tables: one per backbone (split further when asked); rows = methods, columns = datasets, K, or both; each cell is
-the mean ± sample std over seeds of the best-epoch test accuracy (what every reference script reports, METHODS.md
-§9.13; ``--metric final`` for the last epoch, ``--error`` for test error as the papers print it). Runs that differ
+the mean ± sample std over seeds of the best-epoch test accuracy (what every reference script reports,
+docs/recipes.md#test-as-validation; ``--metric final`` for the last epoch, ``--error`` for test error as the papers print it). Runs that differ
 in anything but the seed (say ``trainer.max_epochs`` or ``method.ema_momentum``) never share a cell: their row label
 names the differing keys. E2E (one module) has no K, so its value appears under every K of its dataset.
 
@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dirs", nargs="+", help="multirun/run folders (searched recursively) or results.json files")
     ap.add_argument("--out", default="report", help="output folder (default: ./report)")
     ap.add_argument("--metric", choices=("best", "final"), default="best",
-                    help="best-epoch accuracy (the papers' protocol, §9.13) or the last epoch's")
+                    help="best-epoch accuracy (the papers' protocol, docs/recipes.md#test-as-validation) or the last epoch's")
     ap.add_argument("--error", action="store_true", help="report test error (100 - accuracy) as the papers do")
     ap.add_argument("--columns", choices=("auto", "dataset", "k", "both"), default="auto",
                     help="table columns: datasets, K, or dataset x K (auto picks from the data)")

@@ -1,4 +1,4 @@
-"""Learning-rate schedules as small pure functions of the epoch (METHODS.md §6.1, §6.2).
+"""Learning-rate schedules as small pure functions of the epoch (docs/recipes.md#cifar-recipe, docs/recipes.md#imagenet-recipes).
 
 They are stepped once per epoch, exactly like the reference scripts' ``--cos_lr``; a LambdaLR multiplies the base
 LR by ``lr_at(epoch) / base_lr``.
@@ -15,7 +15,7 @@ SCHEDULES = ("warmup_cosine", "cosine", "constant")
 
 def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 10,
                      warmup_start_lr: float = 0.01) -> float:
-    """CIFAR-family ``--cos_lr`` (§6.1) for 1-based ``epoch``.
+    """CIFAR-family ``--cos_lr`` (docs/recipes.md#cifar-recipe) for 1-based ``epoch``.
 
     ``cos(e) = 0.5*lr0*(1+cos(pi*e/E))``; for e <= W the LR blends linearly from ``warmup_start_lr`` (exactly 0.01 at
     e=1 with the papers' W=10) into the cosine: ``cos(e)*(e-1)/W + start*(W+1-e)/W``.
@@ -28,7 +28,7 @@ def warmup_cosine_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int
 
 
 def cosine_lr(epoch: int, base_lr: float, epochs: int) -> float:
-    """ImageNet schedule (§6.2) for 0-based ``epoch``: ``0.5*lr0*(1+cos(pi*e/E))``, no warm-up."""
+    """ImageNet schedule (docs/recipes.md#imagenet-recipes) for 0-based ``epoch``: ``0.5*lr0*(1+cos(pi*e/E))``, no warm-up."""
     return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / epochs))
 
 

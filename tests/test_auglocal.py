@@ -1,4 +1,4 @@
-"""AugLocal (METHODS.md §5.4, §3.3, §9.11): sampling, pyramid, stride rule, aux nets, K - d split, training."""
+"""AugLocal (docs/methods/auglocal.md, docs/methods/auglocal.md#k-minus-d, docs/reference-code.md#auglocal-quirks): sampling, pyramid, stride rule, aux nets, K - d split, training."""
 
 from __future__ import annotations
 
@@ -81,11 +81,11 @@ def test_aux_plan_stride_counter_carries_and_drops_leftover():
     (12, [(14, 64, 1), (15, 64, 1)]),
 ])
 def test_worked_example_resnet32_k16_d2(module, expected):
-    """§5.4's table, through the method: module k is layer k, and its aux net samples the layers after it."""
+    """docs/methods/auglocal.md's table, through the method: module k is layer k, and its aux net samples the layers after it."""
     model = auglocal("resnet32", k=16, depth=2)
     layer = model.module_layers(module)[-1]
     dims = net_dims(model.backbone)
-    assert dims == [16] * 6 + [32] * 5 + [64] * 5                        # §3.3 net_dim of R32
+    assert dims == [16] * 6 + [32] * 5 + [64] * 5                        # docs/methods/auglocal.md#k-minus-d net_dim of R32
     assert aux_plan(sample_layers(layer, 16, model.aux_depths[module]), dims, dims[layer]) == expected
 
 
@@ -183,7 +183,7 @@ def test_imagenet_resnet34_aux_on_tiny_input():
     for layer, first in ((0, 64), (7, 128), (15, 512)):
         aux = auglocal_aux(r34, layer, 4, 10, 64, "imagenet")
         blocks = [m for m in aux if not isinstance(m, (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear))]
-        assert blocks[0].conv1.in_channels == first  # the stem module feeds its 64 channels (§5.4)
+        assert blocks[0].conv1.in_channels == first  # the stem module feeds its 64 channels (docs/methods/auglocal.md)
         assert not any(isinstance(m, nn.BatchNorm1d) for m in aux.modules())
         assert aux[-1].in_features == 512
         s = r34.spatial_size(layer, 64)

@@ -1,4 +1,4 @@
-"""Backbones (METHODS.md §1, §2): shapes, per-layer metadata, torchvision parity, init, registry and configs.
+"""Backbones (docs/splits.md#layer-addresses, docs/backbones.md): shapes, per-layer metadata, torchvision parity, init, registry and configs.
 
 Metadata-only checks build on the meta device (no memory, no init cost); the big ImageNet nets are built for real
 once per module and forwarded at 64x64 only, to stay fast on 2 CPU cores.
@@ -60,7 +60,7 @@ def test_registry_holds_exactly_the_spec_backbones():
     assert sorted(BACKBONES) == sorted(CIFAR + IMAGENET)
 
 
-# §1: L values and global indices ----------------------------------------------------------------------------------
+# docs/splits.md#layer-addresses: L values and global indices ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_global_index_rejects_missing_layers():
             net.global_index(stage, block)
 
 
-# §2: forward shapes and per-layer specs ---------------------------------------------------------------------------
+# docs/backbones.md: forward shapes and per-layer specs ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", CIFAR)
@@ -126,7 +126,7 @@ def test_cifar_shapes_and_specs(name, image_size):
         assert net.head(outs[-1]).shape == (2, 7)
         assert net(x).shape == (2, 7)
     check_layer_outputs(net, image_size, outs)
-    # §2.1 stage widths 16/32/64 at full, 1/2, 1/4 resolution
+    # docs/backbones.md#cifar-resnet stage widths 16/32/64 at full, 1/2, 1/4 resolution
     assert [net.specs[net.global_index(s, 0)].out_channels for s in (1, 2, 3)] == [16, 32, 64]
     assert [net.spatial_size(net.global_index(s, 0), image_size) for s in (1, 2, 3)] == [
         image_size,
@@ -200,10 +200,10 @@ def test_vgg_pools_open_the_next_layer_and_the_head():
     assert [s.stride for s in net.specs] == [1, 1, 2, 1, 2, 1, 2, 1, 2, 1]
     assert [s.stage for s in net.specs] == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert isinstance(net.head[0], nn.MaxPool2d)
-    assert all(layer[-3].bias is not None for layer in net.layers)  # conv3x3 with bias (§2.3)
+    assert all(layer[-3].bias is not None for layer in net.layers)  # conv3x3 with bias (docs/backbones.md#vgg)
 
 
-# torchvision parity (§2.2, §2.3) -----------------------------------------------------------------------------------
+# torchvision parity (docs/backbones.md#imagenet-resnet, docs/backbones.md#vgg) ----------------------------------------
 
 
 @pytest.mark.parametrize("name", IMAGENET)
@@ -228,7 +228,7 @@ def test_same_function_as_torchvision(imagenet_nets, name):
         torch.testing.assert_close(ours(x), theirs(x))
 
 
-# init (§2.1-§2.3) --------------------------------------------------------------------------------------------------
+# init (docs/backbones.md#cifar-resnet) --------------------------------------------------------------------------------
 
 
 def test_cifar_init_statistics():
@@ -242,7 +242,7 @@ def test_cifar_init_statistics():
         elif isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
     fc = net.head[-1]
-    bound = 1 / math.sqrt(fc.in_features)  # PyTorch's default Linear init, untouched (§2.1)
+    bound = 1 / math.sqrt(fc.in_features)  # PyTorch's default Linear init, untouched (docs/backbones.md#cifar-resnet)
     assert fc.weight.abs().max() <= bound and fc.weight.std() > bound / 3
     assert not torch.all(fc.bias == 0)
 

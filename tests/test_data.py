@@ -106,7 +106,7 @@ def constructor_params(cls) -> set[str]:
     return names
 
 
-RECIPES = {  # METHODS.md §6 and the project's issue 5
+RECIPES = {  # docs/recipes.md and the project's issue 5
     "cifar10": dict(
         cls=CIFAR10DataModule, batch=1024, lr=0.8, epochs=160, schedule="warmup_cosine", warmup=10
     ),
@@ -139,7 +139,7 @@ def test_dataset_facts():
         96,
         224,
     )
-    assert STL10DataModule.num_classes == 10  # not the references' 100 (§9.10)
+    assert STL10DataModule.num_classes == 10  # not the references' 100 (docs/reference-code.md#stl10-classes)
     assert ImageNetDataModule().num_classes == 1000
     assert CIFAR10DataModule.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
     assert CIFAR10DataModule.augment == Augment(4, "reflect", True)
@@ -253,7 +253,7 @@ def test_svhn_maps_10_to_0_never_flips_and_adds_extra(data_root, on_device):
     loader = dm.train_dataloader()
     seen = match_epoch(dm, loader, train, labels) + match_epoch(dm, loader, train, labels)
     assert sorted(i for i, _, _ in seen) == sorted(list(range(30)) * 2)
-    assert not any(f for _, _, f in seen)  # zero-padded crops only (§6.1, §9.10)
+    assert not any(f for _, _, f in seen)  # zero-padded crops only (docs/recipes.md#cifar-recipe, docs/reference-code.md#stl10-classes)
     assert len({k for _, k, _ in seen}) > 3  # but the crops do move
     assert len(make(SVHNDataModule, root).train_set) == 20  # extra only when asked for
 

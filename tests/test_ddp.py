@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORLD, BS, STEPS, SIZE = 2, 4, 3, 16
 CONST = {"lr": 0.02, "schedule": "constant", "warmup_epochs": 0}
 SEED = 100  # rank r builds its model from seed SEED + r: the setup broadcast must make rank 1 start as rank 0
-METHODS = {  # K=4 on resnet20; MAN's InfoPro base needs module_index lambdas below K=8 (§5.5.7)
+METHODS = {  # K=4 on resnet20; MAN's InfoPro base needs module_index lambdas below K=8 (docs/methods/man.md#lambda-schedule)
     "dgl": ("lla.methods.dgl", "DGL", {}),
     "man": ("lla.methods.man", "MAN", {"base": "dgl"}),
     "man_infopro": ("lla.methods.man", "MAN", {"base": "infopro", "lambda_schedule": "module_index",

@@ -76,7 +76,7 @@ def test_without_detach_gradients_would_leak():
 
 
 def reference_step(model, x, y, opt):
-    """The reference scripts' iteration (§4): per-module backward in one pass, one SGD over all params at the end."""
+    """The reference scripts' iteration (docs/architecture.md#one-training-step-as-data): per-module backward in one pass, one SGD over all params at the end."""
     opt.zero_grad()
     h = x
     for k in range(model.num_modules):

@@ -28,7 +28,7 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 CONF = Path(CONF_DIR)
 _PARSER = OverridesParser.create()
 
-# K labels whose module count differs from K (METHODS.md §3, §9.1): (overrides) -> modules
+# K labels whose module count differs from K (docs/splits.md#tables, docs/splits.md#k-labels): (overrides) -> modules
 MODULE_COUNTS = [
     (["experiment=man_cifar", "net=resnet32_k16", "row=man_infopro"], 15),
     (["experiment=man_cifar", "net=resnet32_k16", "row=dgl_head_man"], 16),
@@ -92,7 +92,7 @@ def test_experiment_composes_expands_as_its_header_says_and_builds(name):
     assert OmegaConf.to_container(cfg.dataset)["root"].startswith("${oc.env:LLA_DATA")
     assert cfg.trainer.max_epochs == _expected_epochs(name)  # the paper's recipe
     if "imagenet" not in name:
-        assert (cfg.optim.lr, cfg.dataset.batch_size) == (0.8, 1024)  # §6.1 CIFAR-10 / SVHN recipe
+        assert (cfg.optim.lr, cfg.dataset.batch_size) == (0.8, 1024)  # docs/recipes.md#cifar-recipe CIFAR-10 / SVHN recipe
     runs = re.search(r"experiment=" + name + r" -m\s+#[^\n]*?(\d+) runs", text)
     assert runs, "the header's first command states the number of runs"
     assert len(jobs) == int(runs[1])
@@ -163,7 +163,7 @@ def test_infopro_rows_pick_the_preset_of_their_dataset(monkeypatch):
     cfg = compose_job(["experiment=infopro_star", "dataset=stl10", "k=3"])
     assert cfg.method.preset == "stl10_resnet110_star_k3"
     _, model = build_meta(cfg, stub_aux=True, monkeypatch=monkeypatch)
-    assert model.split.boundaries == (9, 20)  # METHODS.md §3.2, InfoPro* STL-10 K=3
+    assert model.split.boundaries == (9, 20)  # docs/splits.md#resnet110, InfoPro* STL-10 K=3
     cfg = compose_job(["experiment=infopro_svhn_stl10", "dataset=svhn", "k=8", "row=infopro_softmax"])
     assert (cfg.method.preset, cfg.method.loss) == ("svhn_resnet110_k8", "ce")
 
@@ -199,7 +199,7 @@ def test_bare_multirun_sweeps_the_cifar_family_each_with_its_recipe():
         cfg = compose_job(job)
         assert (cfg.backbone.name, cfg.k, cfg.hydra.runtime.choices.method) == ("resnet110", 55, "mlaan")
         recipes[choice(job, "dataset")] = (cfg.optim.lr, cfg.dataset.batch_size, cfg.trainer.max_epochs)
-    # §6.1: LR / batch per dataset, MLAAN's 400 epochs
+    # docs/recipes.md#cifar-recipe: LR / batch per dataset, MLAAN's 400 epochs
     assert recipes == {"cifar10": (0.8, 1024, 400), "svhn": (0.8, 1024, 400), "stl10": (0.1, 128, 400)}
 
 
@@ -215,7 +215,7 @@ def test_single_runs_are_unaffected_and_the_dataset_recipe_wins():
     cfg = compose_job([])  # make demo / python run.py: digits, its 15 epochs
     assert (cfg.hydra.runtime.choices.dataset, cfg.trainer.max_epochs) == ("digits", 15)
     assert compose_job(["dataset=cifar10"]).trainer.max_epochs == 160  # not trainer/default.yaml's 15
-    assert compose_job(["dataset=cifar10", "method=man"]).trainer.max_epochs == 400  # MAN's recipe (§6.1)
+    assert compose_job(["dataset=cifar10", "method=man"]).trainer.max_epochs == 400  # MAN's recipe (docs/recipes.md#cifar-recipe)
     assert compose_job(["dataset=cifar10", "method=man", "trainer.max_epochs=7"]).trainer.max_epochs == 7
     assert compose_job(["dataset=digits", "method=man"]).trainer.max_epochs == 15
 

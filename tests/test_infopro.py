@@ -1,4 +1,4 @@
-"""InfoPro (METHODS.md §5.3): lambda schedules, contrastive loss, aux-net shapes, presets, splits, training."""
+"""InfoPro (docs/methods/infopro.md): lambda schedules, contrastive loss, aux-net shapes, presets, splits, training."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_stage_index_lambdas_match_man_examples():
     expected = [(4.64, 0.46), (4.29, 0.43), (3.93, 0.39)]
     assert [tuple(round(v, 2) for v in pair) for pair in got] == expected
     assert [stage_index_lambdas(s, 8, 6, 6, 0, 0)[0] for s in (1, 2, 3)] == pytest.approx([5, 4, 3])  # r = s/6
-    assert stage_index_lambdas(3, 4, *w) == pytest.approx((-2.5, -0.25))  # K = 4: r = 3/2, negative (§5.5.7)
+    assert stage_index_lambdas(3, 4, *w) == pytest.approx((-2.5, -0.25))  # K = 4: r = 3/2, negative (docs/methods/man.md#lambda-schedule)
     assert stage_index_lambdas(2, 2, *w) == (5, 0.5)
 
 
@@ -117,7 +117,7 @@ def layer_shapes(net):
     return convs, fcs
 
 
-# §5.3: conv (width, stride) for C = 16, 32, 64
+# docs/methods/infopro.md: conv (width, stride) for C = 16, 32, 64
 CONV = {16: (32, 2), 32: (64, 2), 64: (64, 1)}
 
 
@@ -239,7 +239,7 @@ def test_infopro_star_split_from_balanced_memory():
 
 
 def test_presets_are_the_methods_table():
-    """lla/aux/infopro_presets.yaml against METHODS.md §5.3 (ixx_1, ixy_1, ixx_2, ixy_2)."""
+    """lla/aux/infopro_presets.yaml against docs/methods/infopro.md#presets (ixx_1, ixy_1, ixx_2, ixy_2)."""
     table = {
         ("cifar10", "resnet32"): {2: (5, 1, 0, 0), 4: (6, 0, 1, 2), 8: (5, 0, 0, 2), 16: (5, 0.05, 0.2, 0.5)},
         ("cifar10", "resnet110"): {2: (5, 0.5, 0, 0), 4: (1, 0, 0, 1), 8: (5, 0, 0, 1), 16: (5, 0, 0.5, 1)},

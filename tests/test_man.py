@@ -1,4 +1,4 @@
-"""MAN (METHODS.md §5.5): EMA closed form and timing, gradient routing, init, BN stats, lambdas, K labels, training."""
+"""MAN (docs/methods/man.md): EMA closed form and timing, gradient routing, init, BN stats, lambdas, K labels, training."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def recorder(**kw):
 
 
 def test_ema_equals_closed_form_of_pre_step_weights():
-    """EMA_n = m^n e_0 + sum_i (1-m) m^(n-i) theta_i, theta_i = B_next at the *start* of batch i (§4, §5.5.5)."""
+    """EMA_n = m^n e_0 + sum_i (1-m) m^(n-i) theta_i, theta_i = B_next at the *start* of batch i (docs/architecture.md#one-training-step-as-data, docs/methods/man.md#ema-copies)."""
     m, n = 0.9, 5
     model = recorder(ema_momentum=m, init_from_target=False)
     e0 = [params(model.aux[k].ema) for k in range(model.num_modules - 1)]
@@ -283,7 +283,7 @@ def spy_options(**kw):
 
 @needs_infopro
 def test_stage_index_and_module_index_lambdas_reach_the_rule():
-    # resnet32 K=8: modules end after 1,3,5,7,9,11,13 -> B_next stages 1,1,2,2,2,3,3; r = stage/6 (§5.5.7)
+    # resnet32 K=8: modules end after 1,3,5,7,9,11,13 -> B_next stages 1,1,2,2,2,3,3; r = stage/6 (docs/methods/man.md#lambda-schedule)
     model, seen = spy_options(k=8, backbone="resnet32", size=32)
     stages = [model.backbone.specs[model.next_block_index(k)].stage for k in range(7)]
     assert stages == [1, 1, 2, 2, 2, 3, 3]
@@ -307,7 +307,7 @@ def test_stage_index_uses_the_nominal_k_and_rejects_negative_weights():
     lo = [model.backbone.specs[model.next_block_index(k)].stage for k in range(14)]
     assert flat(model.lambdas) == pytest.approx(flat((5 * (1 - s / 14), 0.5 * (1 - s / 14)) for s in lo))
     with pytest.raises(ConfigError, match="negative or both zero"):
-        make(base="infopro", k=4, backbone="resnet32", size=32)  # r = 2/2 and 3/2 (§5.5.7)
+        make(base="infopro", k=4, backbone="resnet32", size=32)  # r = 2/2 and 3/2 (docs/methods/man.md#lambda-schedule)
     with pytest.raises(ConfigError, match="module 6"):  # README ixx_2 = ixy_2 = 0 leave module K-2 untrained
         make(base="infopro", k=8, backbone="resnet32", size=32, lambda_schedule="module_index")
 
@@ -342,7 +342,7 @@ def synthetic(n=256, size=16, classes=10, noise_seed=1):
 
 @pytest.mark.parametrize("base", ["dgl", pytest.param("infopro", marks=needs_infopro)])
 def test_trains_on_a_small_learnable_synthetic_problem_and_its_loss_falls(base):
-    # K=4 is below stage_index's sane range (§5.5.7), so InfoPro uses the module-index schedule here.
+    # K=4 is below stage_index's sane range (docs/methods/man.md#lambda-schedule), so InfoPro uses the module-index schedule here.
     extra = {"lambda_schedule": "module_index", "ixx_2": 1.0, "ixy_2": 1.0} if base == "infopro" else {}
     model = make(cls=LossLog, base=base, ema_momentum=0.9, **extra)
     model.final_losses = []

@@ -1,4 +1,4 @@
-"""MLAAN (METHODS.md §5.6): LAM lists, cascade reach, EMA, equivalence with the reference's dual-path loop, training."""
+"""MLAAN (docs/methods/mlaan.md): LAM lists, cascade reach, EMA, equivalence with the reference's dual-path loop, training."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_independent_loss_alone_reaches_only_its_module():
 
 def test_reference_switches_no_early_loss_and_final_y_only():
     model = probe(cascade_span=3, early_losses=False, final_x_loss=False)
-    assert len(model.aux[0]._modules) == 0 and len(model.aux[1]._modules) == 0  # no loss -> no aux net (§9.7)
+    assert len(model.aux[0]._modules) == 0 and len(model.aux[1]._modules) == 0  # no loss -> no aux net (docs/reference-code.md#unused-aux-nets)
     assert model.reach == [(0, []), (1, []), (2, [0, 1, 2]), (3, [1, 2, 3]), (4, [2, 3, 4])]
 
 
@@ -216,7 +216,7 @@ def run_module(model, j, x):
 def reference_step(model, x, y, opt):
     """The reference's dual path, written plainly: an x path (module k on its detached input, independent head) and
     a y path (modules k-span+1..k recomputed from a detached input, LAM head); one backward per module, EMA update
-    after it, one SGD over all parameters at the end (METHODS.md §4, §5.6)."""
+    after it, one SGD over all parameters at the end (docs/architecture.md#one-training-step-as-data, docs/methods/mlaan.md)."""
     K, span, wx, wy = model.num_modules, model.cascade_span, model.wx, model.wy
     first = 0 if model.early_losses else span - 1
     opt.zero_grad()

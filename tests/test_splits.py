@@ -1,4 +1,4 @@
-"""Split tables vs METHODS.md §3 / §5.6, K-label rules, and the balanced splitter."""
+"""Split tables vs docs/splits.md#tables / docs/methods/mlaan.md, K-label rules, and the balanced splitter."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from lla.splits import (
     stage_sizes,
 )
 
-# Layer counts L from the task brief / METHODS.md §1-2.
+# Layer counts L from the task brief / docs/splits.md#layer-addresses, docs/backbones.md.
 # fmt: off
 NUM_LAYERS = {
     "resnet20": 10, "resnet32": 16, "resnet44": 22, "resnet56": 28, "resnet110": 55,
@@ -39,11 +39,11 @@ def table_points(backbone, family, key, section="splits"):
 
 
 def rng(a, b):
-    """Inclusive range as a tuple, the way METHODS.md writes 'a..b'."""
+    """Inclusive range as a tuple, the way the split tables write 'a..b'."""
     return tuple(range(a, b + 1))
 
 
-# ---- §3.1 ResNet-32, InfoPro: (K, [s,j] column, global column) ----
+# ---- docs/splits.md#resnet32 ResNet-32, InfoPro: (K, [s,j] column, global column) ----
 R32_INFOPRO = [
     (2, [(2, 1)], (7,)),
     (3, [(1, 4), (2, 4)], (5, 10)),
@@ -57,7 +57,7 @@ def test_resnet32_infopro_rows(k, points, bounds):
     assert table_points("resnet32", "infopro", k) == points
     s = split("resnet32", k)
     assert s.boundaries == bounds and s.num_modules == k and s.source == f"table:infopro:{k}"
-    # MAN and MLAAN share these rows for K=2,3,4,8 (§3.1).
+    # MAN and MLAAN share these rows for K=2,3,4,8 (docs/splits.md#resnet32).
     assert split("resnet32", k, "man").boundaries == bounds
     assert split("resnet32", k, "mlaan").boundaries == bounds
 
@@ -70,7 +70,7 @@ def test_resnet32_infopro_k16_every_layer():
     assert all(len(s.module_layers(m)) == 1 for m in range(16))
 
 
-# ---- §3.2 ResNet-110 ----
+# ---- docs/splits.md#resnet110 ResNet-110 ----
 # fmt: off
 R110_ROWS = [
     (2, [(2, 8)], (27,)),
@@ -107,7 +107,7 @@ def test_resnet110_k32(family):
     assert s.boundaries == R110_K32_BOUNDS and s.num_modules == 32
 
 
-BALANCED_MEMORY = [  # §3.2 InfoPro*: (dataset, K, [s,j], globals)
+BALANCED_MEMORY = [  # docs/splits.md#resnet110 InfoPro*: (dataset, K, [s,j], globals)
     ("cifar10", 2, [(1, 14)], (15,)),
     ("cifar10", 3, [(1, 9), (2, 2)], (10, 21)),
     ("cifar10", 4, [(1, 6), (1, 14), (2, 8)], (7, 15, 27)),
@@ -142,7 +142,7 @@ def test_balanced_memory_errors():
         split("resnet110", 4, "mlaan", balanced_memory="cifar10")
 
 
-# ---- §3.4 ImageNet ----
+# ---- docs/splits.md#imagenet-splits ImageNet ----
 IMAGENET_ROWS = [  # (backbone, family, K, [s,j] points, globals)
     ("resnet101", "infopro", 2, [(2, 0)], (4,)),
     ("resnet152", "infopro", 2, [(2, 5)], (9,)),
@@ -190,7 +190,7 @@ def test_global_index_matches_section_1():
         global_index("resnet32", 1, 5)  # stage 1 has blocks 0..4
 
 
-# ---- K labels (§3, §9.1) ----
+# ---- K labels (docs/splits.md#tables, docs/splits.md#k-labels) ----
 def test_k_labels():
     man16 = split("resnet32", 16, "man")
     assert man16.boundaries == rng(1, 14) and man16.num_modules == 15 and man16.k_label == 16
@@ -209,7 +209,7 @@ def test_k_labels():
     assert split("resnet110", 55, "manpp").boundaries == rng(0, 53)
     assert split("resnet32", 8, "manpp").boundaries == (0, 1, 3, 5, 7, 9, 11, 13)
     assert split("resnet110", 32, "manpp").boundaries == (0, *R110_K32_BOUNDS)
-    # AugLocal / InfoPro baselines at R110 K=55: a true 55 modules (§3.2 last row).
+    # AugLocal / InfoPro baselines at R110 K=55: a true 55 modules (docs/splits.md#resnet110 last row).
     assert split("resnet110", 55).boundaries == rng(0, 53)
 
 
@@ -225,7 +225,7 @@ def test_auglocal_k_minus_d():
     assert list(s.module_layers(13)) == [13, 14, 15]
     s = split("resnet110", 55, "auglocal", aux_depth=3)
     assert s.num_modules == 52 and list(s.module_layers(51)) == [51, 52, 53, 54]  # last d+1 layers
-    # Prefix keys (§3.3): key k -> first k-1 layers alone, the rest in one module.
+    # Prefix keys (docs/methods/auglocal.md#k-minus-d): key k -> first k-1 layers alone, the rest in one module.
     s = split("resnet32", 7, "auglocal", aux_depth=0)
     assert s.boundaries == rng(0, 5) and s.module_layers(6) == range(6, 16)
     # The same rule on a backbone without an AugLocal table.
@@ -319,7 +319,7 @@ def test_module_layers_and_module_of_layer(s):
         s.module_of_layer(s.num_layers)
 
 
-# ---- LAM lists (§5.6) ----
+# ---- LAM lists (docs/methods/mlaan.md) ----
 def g(backbone, *points):
     return [global_index(backbone, s, j) for s, j in points]
 
@@ -352,7 +352,7 @@ def test_lam_resnet110_and_imagenet():
 def test_lam_none_without_table():
     assert lam_layers("resnet32", 4) is None
     assert lam_layers("resnet110", 16) is None
-    assert lam_layers("resnet152", 50) is None  # MLAAN's R152 LAM has no split entry (§3.4)
+    assert lam_layers("resnet152", 50) is None  # MLAAN's R152 LAM has no split entry (docs/splits.md#imagenet-splits)
     assert lam_layers("vgg13", 10) is None
 
 

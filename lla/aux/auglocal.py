@@ -1,11 +1,11 @@
-"""AugLocal's auxiliary networks (Ma et al., ICLR 2024), METHODS.md §5.4.
+"""AugLocal's auxiliary networks (Ma et al., ICLR 2024), docs/methods/auglocal.md.
 
 Module k's aux net is a *shallow copy of the rest of the network's architecture*: d layers sampled uniformly from the
 layers after the module ("unifSamp"), rebuilt as new, independently initialised blocks (never the primary net's
-weights; that is what separates AugLocal from MLAAN's LAM, §5.6), followed by a small head.
+weights; that is what separates AugLocal from MLAAN's LAM, docs/methods/mlaan.md), followed by a small head.
 
 The schedule helpers are pure functions so the paper's numbers can be checked one by one. Both formulas use
-Python's ``round`` (banker's rounding: 2.5 -> 2, 10.5 -> 10), as the reference does (§9.11).
+Python's ``round`` (banker's rounding: 2.5 -> 2, 10.5 -> 10), as the reference does (docs/reference-code.md#auglocal-quirks).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from lla.recompute import Chain
 VARIANTS = ("cifar", "imagenet", "vgg")
 # Which head a backbone family gets when the variant is "auto".
 FAMILY_VARIANT = {"cifar_resnet": "cifar", "imagenet_resnet": "imagenet", "vgg": "vgg"}
-VGG_HIDDEN = 512  # §5.4: AdaptiveAvgPool1d(512) and two 512-wide Linear+BN1d+ReLU layers
+VGG_HIDDEN = 512  # docs/methods/auglocal.md: AdaptiveAvgPool1d(512) and two 512-wide Linear+BN1d+ReLU layers
 
 
 def pyramid_depths(depth: int, num_modules_eff: int, coeff: float) -> list[int]:
-    """Aux depth of modules i = 0..K_eff-2: falls linearly from d to d(1-c)+c, never below 1 (§5.4).
+    """Aux depth of modules i = 0..K_eff-2: falls linearly from d to d(1-c)+c, never below 1 (docs/methods/auglocal.md).
 
     The expression keeps the reference's operation order, so float ties round exactly as there. With K_eff = 2 the
     only aux module gets d (the reference would divide by zero).
@@ -36,7 +36,7 @@ def pyramid_depths(depth: int, num_modules_eff: int, coeff: float) -> list[int]:
 
 
 def sample_layers(layer: int, num_layers: int, depth: int) -> list[int]:
-    """"unifSamp": the layers an aux net rebuilds for a module ending at `layer` (§5.4).
+    """"unifSamp": the layers an aux net rebuilds for a module ending at `layer` (docs/methods/auglocal.md).
 
     All remaining layers when ``depth >= L-1-layer``, else ``round(layer + (L-layer-1)/depth*i)`` for i = 1..depth:
     evenly spaced and always ending at the last layer L-1.
@@ -53,7 +53,7 @@ def sample_layers(layer: int, num_layers: int, depth: int) -> list[int]:
 def aux_plan(
     layers: list[int], widths: list[int], current_width: int, pool_on_change: bool = False
 ) -> list[tuple[int, int, int]]:
-    """(layer index, width, stride) of each aux block, from the primary net's widths (``net_dim``, §3.3).
+    """(layer index, width, stride) of each aux block, from the primary net's widths (``net_dim``, docs/methods/auglocal.md#k-minus-d).
 
     ResNets: a counter p gains log2(width / current width) per block; p >= 1 gives stride 2 and p -= 1, so a block
     halves the resolution at most once and the leftover carries to the next block (dropped after the last one).
@@ -94,7 +94,7 @@ def auglocal_aux(backbone, module_end_layer: int, depth: int, num_classes: int, 
     """The aux net of a module whose last layer is `module_end_layer`, with aux depth `depth` (= d_l).
 
     Blocks come from ``backbone.make_block`` (same block type and init as the primary net, fresh weights); their
-    input is the module's real output width, so the ImageNet stem module starts from 64 channels (§5.4).
+    input is the module's real output width, so the ImageNet stem module starts from 64 channels (docs/methods/auglocal.md).
     Heads: ``cifar`` GAP, flatten, [BN1d iff depth <= 1], Linear; ``imagenet`` GAP, flatten, Linear;
     ``vgg`` flatten, AdaptiveAvgPool1d(512), 2 x (Linear 512-512, BN1d, ReLU), Linear.
     """

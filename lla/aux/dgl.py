@@ -1,4 +1,4 @@
-"""The three DGL auxiliary classifiers of METHODS.md §5.2.
+"""The three DGL auxiliary classifiers of docs/methods/dgl.md.
 
 ``official`` is eugenium/DGL's "mlp-sr" head, ``auglocal`` the variant AugLocal's DGL baseline uses, ``man`` the
 MAN/MLAAN-family ``auxDGL``. Pick ``man`` to reproduce MAN/MLAAN "DGL" rows and ``official``/``auglocal`` for AugLocal's.

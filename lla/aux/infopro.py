@@ -1,7 +1,7 @@
-"""InfoPro's local rule (Wang et al., ICLR 2021), METHODS.md §5.3, and its two lambda schedules.
+"""InfoPro's local rule (Wang et al., ICLR 2021), docs/methods/infopro.md, and its two lambda schedules.
 
 ``L_k = lam1 * BCE(Decoder(h), x01) + lam2 * L_y(Head(h), y)`` on a module output h. The InfoPro method applies it
-to h directly; MAN and MLAAN apply it to their augmented features (composition, DESIGN.md), so the rule only needs
+to h directly; MAN and MLAAN apply it to their augmented features (composition, docs/architecture.md#rooms), so the rule only needs
 the feature map's width and side, never the backbone.
 
 Two families of aux nets:
@@ -12,7 +12,7 @@ Two families of aux nets:
 * ``variant="imagenet"``: the fixed-width ImageNet decoder/head, for a 512-channel map (K=2 split in layer2 of a
   bottleneck net) or a 1024-channel one (MAN++ K=4, splits in layer3); ``head`` and ``widen`` do not apply.
 
-Init follows each reference's global init loop, which also re-initialises the aux nets: §2.1 for ``cifar``, §2.2
+Init follows each reference's global init loop, which also re-initialises the aux nets: docs/backbones.md#cifar-resnet for ``cifar``, docs/backbones.md#imagenet-resnet
 (kaiming fan_out) for ``imagenet``.
 """
 
@@ -33,15 +33,15 @@ from lla.errors import ConfigError
 from lla.losses import supervised_contrastive_loss
 from lla.recompute import Chain
 
-# aux_net_config name -> (conv layers, linear layers) (§5.3)
+# aux_net_config name -> (conv layers, linear layers) (docs/methods/infopro.md)
 HEADS = {"0c1f": (0, 1), "0c2f": (0, 2), "1c1f": (1, 1), "1c2f": (1, 2), "1c3f": (1, 3), "2c2f": (2, 2)}
 LOSSES = ("ce", "contrast")
 VARIANTS = ("cifar", "imagenet")
 
-# CIFAR head conv (width before widen, stride) for input width C (§5.3).
+# CIFAR head conv (width before widen, stride) for input width C (docs/methods/infopro.md).
 _CIFAR_CONV = {16: (32, 2), 32: (64, 2), 64: (64, 1)}
 
-# ImageNet aux nets by input width (§5.3). Decoder: (out, kernel) conv+BN+ReLU stages, each followed by a bilinear
+# ImageNet aux nets by input width (docs/methods/infopro.md#aux-nets). Decoder: (out, kernel) conv+BN+ReLU stages, each followed by a bilinear
 # upsample to image_size // factor, then conv3x3 to 3. Head: (out, kernel, stride) conv+BN+ReLU, then GAP + FC.
 _IMAGENET_DECODER = {
     512: [(128, 1, 4), (32, 3, 2), (12, 3, 1)],  # 28 -> 56 -> 112 -> 224 at image 224
@@ -62,7 +62,7 @@ def _read_presets() -> dict[str, dict]:
 
 
 def load_presets() -> dict[str, dict]:
-    """The §5.3 table of loss weights per (dataset, net, K), by row name (a copy)."""
+    """The table of loss weights (docs/methods/infopro.md#presets) per (dataset, net, K), by row name (a copy)."""
     return {name: dict(row) for name, row in _read_presets().items()}
 
 
@@ -73,7 +73,7 @@ def _mix(r: float, ixx_1: float, ixy_1: float, ixx_2: float, ixy_2: float) -> tu
 
 def infopro_lambdas(k: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float,
                     ixy_2: float) -> tuple[float, float]:
-    """(lam1, lam2) of local module k (0-based, k <= K-2): r = k/(K-2), r = 0 when K = 2 (§5.3).
+    """(lam1, lam2) of local module k (0-based, k <= K-2): r = k/(K-2), r = 0 when K = 2 (docs/methods/infopro.md).
 
     Module 0 gets (ixx_1, ixy_1), module K-2 gets (ixx_2, ixy_2); the last module is plain CE and has no lambdas.
     """
@@ -85,7 +85,7 @@ def infopro_lambdas(k: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2:
 
 def stage_index_lambdas(stage: int, num_modules: int, ixx_1: float, ixy_1: float, ixx_2: float,
                         ixy_2: float) -> tuple[float, float]:
-    """MAN's schedule (§5.5.7, §9.2): r = stage/(K-2), with ``stage`` (1..) the stage of the block right after the
+    """MAN's schedule (docs/methods/man.md#lambda-schedule, docs/reference-code.md#man-lambda): r = stage/(K-2), with ``stage`` (1..) the stage of the block right after the
     module (B_next), r = 0 when K = 2.
 
     ``num_modules`` is the K the reference divides by: MAN's nominal label (16 for its 15-module R32 split), which
@@ -106,7 +106,7 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1, bias: bool 
 
 
 def cifar_head_conv(channels: int, spatial: int) -> tuple[int, int]:
-    """(width, stride) of the CIFAR head's conv: the §5.3 table for C in {16, 32, 64}, else see module doc."""
+    """(width, stride) of the CIFAR head's conv: docs/methods/infopro.md#aux-nets for C in {16, 32, 64}, else see module doc."""
     if channels in _CIFAR_CONV:
         return _CIFAR_CONV[channels]
     return (2 * channels, 2) if spatial > 8 else (channels, 1)
@@ -114,7 +114,7 @@ def cifar_head_conv(channels: int, spatial: int) -> tuple[int, int]:
 
 def cifar_head(kind: str, channels: int, spatial: int, out_features: int, widen: int = 1,
                feature_dim: int = 128) -> nn.Sequential:
-    """One of the six ``aux_net_config`` heads (§5.3): convs (BN, ReLU; no bias), GAP, Linear(+ReLU) stack."""
+    """One of the six ``aux_net_config`` heads (docs/methods/infopro.md#aux-nets): convs (BN, ReLU; no bias), GAP, Linear(+ReLU) stack."""
     convs, fcs = HEADS[kind]
     layers: list[nn.Module] = []
     width = channels
@@ -164,7 +164,7 @@ def cifar_decoder(channels: int, image_size: int, widen: int = 1) -> nn.Sequenti
 
 
 def imagenet_decoder(channels: int, image_size: int) -> nn.Sequential:
-    """The 512- or 1024-channel ImageNet decoder (§5.3), returning logits like :func:`cifar_decoder`."""
+    """The 512- or 1024-channel ImageNet decoder (docs/methods/infopro.md#aux-nets), returning logits like :func:`cifar_decoder`."""
     layers: list[nn.Module] = []
     cin = channels
     for cout, kernel, factor in _IMAGENET_DECODER[channels]:
@@ -177,7 +177,7 @@ def imagenet_decoder(channels: int, image_size: int) -> nn.Sequential:
 
 
 def imagenet_head(channels: int, out_features: int) -> nn.Sequential:
-    """The 512- or 1024-channel ImageNet head (§5.3): four conv+BN+ReLU, GAP, FC."""
+    """The 512- or 1024-channel ImageNet head (docs/methods/infopro.md#aux-nets): four conv+BN+ReLU, GAP, FC."""
     layers: list[nn.Module] = []
     cin = channels
     for cout, kernel, stride in _IMAGENET_HEAD[channels]:
@@ -189,9 +189,9 @@ def imagenet_head(channels: int, out_features: int) -> nn.Sequential:
 
 # ---------------------------------------------------------------------------------------------- the rule
 class InfoProRule(LocalRule):
-    """``lam1 * BCE(decoder(h), x01) + lam2 * L_y(head(h), y)`` (§5.3) on a ``channels x spatial^2`` map.
+    """``lam1 * BCE(decoder(h), x01) + lam2 * L_y(head(h), y)`` (docs/methods/infopro.md) on a ``channels x spatial^2`` map.
 
-    Only what is used is built (§9.7): no decoder when lam1 == 0 (then ``needs_x01`` is False and x01 may be
+    Only what is used is built (docs/reference-code.md#unused-aux-nets): no decoder when lam1 == 0 (then ``needs_x01`` is False and x01 may be
     None), no head when lam2 == 0. ``loss="contrast"`` makes the head output ``feature_dim`` features for the
     supervised contrastive loss, ``"ce"`` makes it output class logits.
     """

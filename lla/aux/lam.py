@@ -1,8 +1,8 @@
-"""MLAAN's Leap Augmented Modules (LAM, METHODS.md §5.6): aux nets made of copies of *downstream* primary blocks.
+"""MLAAN's Leap Augmented Modules (LAM, docs/methods/mlaan.md): aux nets made of copies of *downstream* primary blocks.
 
 Module k's LAM net is a list of copies of primary blocks that lie after module k, ending at the last block, so the
 local loss sees features shaped like the network's own deep features. Only its first block is paired with a frozen
-EMA copy (``A[0](h) + EMA[0](h)``); later blocks are plain trainable copies. Unlike AugLocal's aux nets (§5.4), the
+EMA copy (``A[0](h) + EMA[0](h)``); later blocks are plain trainable copies. Unlike AugLocal's aux nets (docs/methods/auglocal.md), the
 copies start from the primary's weights (the CIFAR reference; ``init_from_primary``).
 
 Which blocks: the reference tables (``lla.splits.lam_layers``) cover only R32 K=8/15, R110 K=32/54 and the ImageNet
@@ -34,7 +34,7 @@ from lla.errors import ConfigError
 from lla.recompute import run_segment
 from lla.splits import Split, lam_layers
 
-DEFAULT_DEPTH = 4  # the longest LAM row of the CIFAR tables (§5.6)
+DEFAULT_DEPTH = 4  # the longest LAM row of the CIFAR tables (docs/methods/mlaan.md)
 
 
 def shape_changers(specs) -> list[int]:
@@ -132,7 +132,7 @@ class LinearRule(LocalRule):
 
 
 class LAMNet(nn.Module):
-    """``rule(A[-1](...A[1](A[0](h) + EMA(h))))``: the cascaded aux path of one MLAAN module (§5.6).
+    """``rule(A[-1](...A[1](A[0](h) + EMA(h))))``: the cascaded aux path of one MLAAN module (docs/methods/mlaan.md).
 
     The EMA copy's parameters have requires_grad=False, so the owning optimizer skips them; the loss still flows
     through its activations into the module.

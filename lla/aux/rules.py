@@ -1,7 +1,7 @@
 """Base local rules: an aux net plus its loss on one feature map, shared by plain and plug-in methods.
 
 DGL and InfoPro are *rules*; the DGL and InfoPro methods apply one rule per module, while MAN and MLAAN apply a rule
-to their augmented features (composition, not inheritance; DESIGN.md). A rule is an ``nn.Module`` whose ``forward``
+to their augmented features (composition, not inheritance; docs/architecture.md#rooms). A rule is an ``nn.Module`` whose ``forward``
 returns the scalar local loss.
 """
 
@@ -23,7 +23,7 @@ BASES = ("dgl", "infopro")
 
 
 class DGLRule(LocalRule):
-    """CE on a DGL auxiliary classifier (METHODS.md §5.2), weight 1."""
+    """CE on a DGL auxiliary classifier (docs/methods/dgl.md), weight 1."""
 
     def __init__(self, channels: int, spatial: int, num_classes: int, head: str = "official", feature_dim: int = 128):
         super().__init__()

@@ -1,6 +1,6 @@
 """The one interface every backbone shares: a chain of layers, a head, and per-layer metadata.
 
-Splitting a network into local modules (METHODS.md §1) only needs to cut `layers` at boundaries, and every aux-net
+Splitting a network into local modules (docs/splits.md#layer-addresses) only needs to cut `layers` at boundaries, and every aux-net
 builder only needs each layer's width, stride and spatial size. So a backbone exposes exactly that, and nothing about
 how its blocks are written inside.
 """
@@ -18,7 +18,7 @@ from lla.errors import ConfigError
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Metadata for one layer of the chain (METHODS.md §1)."""
+    """Metadata for one layer of the chain (docs/splits.md#layer-addresses)."""
 
     index: int  # global index g; 0 = stem
     stage: int  # 0 for the stem; 1..3 (CIFAR) or 1..4 (ImageNet); VGG: max-pools before it + 1
@@ -77,7 +77,7 @@ class Backbone(nn.Module):
         return [sum(1 for s in self.specs if s.stage == stage) for stage in range(1, num_stages + 1)]
 
     def global_index(self, stage: int, block: int) -> int:
-        """METHODS.md §1: g(0,0) = 0, g(s,j) = 1 + (blocks in stages 1..s-1) + j."""
+        """docs/splits.md#layer-addresses: g(0,0) = 0, g(s,j) = 1 + (blocks in stages 1..s-1) + j."""
         sizes = self.stage_sizes
         allowed = "[0,0] or " + ", ".join(f"[{s},0..{n - 1}]" for s, n in enumerate(sizes, start=1))
         if stage == 0 and block == 0:

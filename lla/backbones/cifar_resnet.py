@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets (METHODS.md §2.1): 3x3 stem, three stages of BasicBlocks with widths 16/32/64.
+"""CIFAR-style ResNets (docs/backbones.md#cifar-resnet): 3x3 stem, three stages of BasicBlocks with widths 16/32/64.
 
 Matches the InfoPro/MAN/MLAAN/AugLocal CIFAR networks, including their projection ("option B") shortcut, their
 dropout slot inside the block and their N(0, sqrt(2/(k*k*out))) conv init.
@@ -23,7 +23,7 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class CifarBasicBlock(nn.Module):
-    """conv3x3(s)-BN-ReLU-Dropout-conv3x3-BN, + shortcut, ReLU (§2.1)."""
+    """conv3x3(s)-BN-ReLU-Dropout-conv3x3-BN, + shortcut, ReLU (docs/backbones.md#cifar-resnet)."""
 
     fused_bn_relu = False  # backbone.fused_bn_relu: bn1-relu-conv2 without storing relu's output (fused.py)
 
@@ -53,7 +53,7 @@ class CifarBasicBlock(nn.Module):
 
 
 def init_cifar(module: nn.Module) -> None:
-    """§2.1 init: conv ~ N(0, sqrt(2/(k*k*out))), BN 1/0; Linear keeps PyTorch's default."""
+    """docs/backbones.md#cifar-resnet init: conv ~ N(0, sqrt(2/(k*k*out))), BN 1/0; Linear keeps PyTorch's default."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -99,7 +99,7 @@ def _constructor(name: str):
         return CifarResNet(name, DEPTHS[name], num_classes, droprate=droprate, fused_bn_relu=fused_bn_relu)
 
     build.__name__ = name
-    build.__doc__ = f"CIFAR {name} (METHODS.md §2.1), L = {(DEPTHS[name] - 2) // 2 + 1} layers."
+    build.__doc__ = f"CIFAR {name} (docs/backbones.md#cifar-resnet), L = {(DEPTHS[name] - 2) // 2 + 1} layers."
     return build
 
 

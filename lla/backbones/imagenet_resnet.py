@@ -1,4 +1,4 @@
-"""ImageNet ResNets and ResNeXt in the torchvision layout (METHODS.md §2.2).
+"""ImageNet ResNets and ResNeXt in the torchvision layout (docs/backbones.md#imagenet-resnet).
 
 Same parameters and init as `torchvision.models.<name>` (checked by tests), re-cut as stem + one layer per block so a
 split can end after any block. The bottleneck is v1.5: the stride sits on the 3x3 conv.
@@ -85,7 +85,7 @@ class Bottleneck(nn.Module):
 
 
 def init_imagenet(module: nn.Module, zero_init_residual: bool) -> None:
-    """§2.2 / torchvision init: kaiming_normal(fan_out, relu) convs, BN 1/0, Linear left at PyTorch's default.
+    """docs/backbones.md#imagenet-resnet / torchvision init: kaiming_normal(fan_out, relu) convs, BN 1/0, Linear left at PyTorch's default.
 
     `zero_init_residual` zeroes each block's last BN so every block starts as the identity (MLAAN's resnet34.py
     forces this on; everyone else leaves it off).
@@ -150,7 +150,7 @@ def _constructor(name: str):
 
     build.__name__ = name
     build.__doc__ = (
-        f"ImageNet {name}, torchvision layout (METHODS.md §2.2), L = {sum(ARCHS[name][1]) + 1} layers."
+        f"ImageNet {name}, torchvision layout (docs/backbones.md#imagenet-resnet), L = {sum(ARCHS[name][1]) + 1} layers."
     )
     return build
 

@@ -1,7 +1,7 @@
-"""ImageNet VGG with BN (METHODS.md §2.3; AugLocal's VGG13), cut as one layer per conv.
+"""ImageNet VGG with BN (docs/backbones.md#vgg; AugLocal's VGG13), cut as one layer per conv.
 
 A max-pool that follows a conv is the first op of the NEXT layer, so a split after conv i leaves the pool in the next
-module, as in AugLocal (§3.4). The last max-pool opens the head. Parameters equal torchvision's `vgg13_bn`.
+module, as in AugLocal (docs/splits.md#imagenet-splits). The last max-pool opens the head. Parameters equal torchvision's `vgg13_bn`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def conv_layer(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 def init_vgg(module: nn.Module) -> None:
-    """§2.3 init: kaiming_normal(fan_out, relu) convs, N(0, 0.01) Linear, all biases 0, BN 1/0."""
+    """docs/backbones.md#vgg init: kaiming_normal(fan_out, relu) convs, N(0, 0.01) Linear, all biases 0, BN 1/0."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -82,7 +82,7 @@ def _constructor(name: str):
         return VGG(name, num_classes, dropout=dropout)
 
     build.__name__ = name
-    build.__doc__ = f"ImageNet {name} with BN (METHODS.md §2.3), one layer per conv."
+    build.__doc__ = f"ImageNet {name} with BN (docs/backbones.md#vgg), one layer per conv."
     return build
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-MIB = 2**20  # the reference figures (issue 7, §3) are MiB: ResNet-32 E2E saves 159,150,724 B = 151.8 MiB
+MIB = 2**20  # the reference figures (issue 7, docs/splits.md#tables) are MiB: ResNet-32 E2E saves 159,150,724 B = 151.8 MiB
 
 
 def storage_bytes(tensors: Iterable[Tensor]) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from lla.bench.runner import BenchConfig
 
 # MAN runs on InfoPro here because the reference figures (targets.py) are InfoPro+MAN; MLAAN with GAP+Linear heads
-# because the reference figure is resnetMLAAN.py's (auxMLAAN.py heads, §5.6); AugLocal's depths are the README's
+# because the reference figure is resnetMLAAN.py's (auxMLAAN.py heads, docs/methods/mlaan.md); AugLocal's depths are the README's
 # (R32 d=2, R110 d=3) and run.sh's ImageNet d=4.
 CIFAR_METHODS: dict[str, tuple[tuple[str, object], ...]] = {
     "e2e": (),

@@ -3,7 +3,7 @@
 Measured on the 2-core CPU this project is developed on: batch 64, 32x32, 2 threads, peak bytes saved for backward
 (MiB) and median step time. lla must never be worse than these and aims at 0.8x of both, for the same
 configuration. A row matches a target by method, base rule, backbone and *real* module count (K labels differ
-between papers, §9.1: MAN's "K=16" is 15 modules, AugLocal's "K=16, d=2" is 14).
+between papers, docs/splits.md#k-labels: MAN's "K=16" is 15 modules, AugLocal's "K=16, d=2" is 14).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LightningDataModules for every dataset lla trains on (METHODS.md §6), plus the GPU-resident loader.
+"""LightningDataModules for every dataset lla trains on (docs/recipes.md), plus the GPU-resident loader.
 
 Pick one in Hydra with `dataset=<name>`; each `conf/dataset/<name>.yaml` builds one class below via `_target_`.
 """

@@ -4,7 +4,7 @@ Construction is cheap and touches no files, so a whole config can be validated (
 ConfigError) before any data loads. Files are checked by `check()` at the start of `setup()`.
 
 Validation data is the **test split**: every reference script (InfoPro, DGL, AugLocal, MAN, MLAAN) evaluates on the
-test set each epoch and reports the best epoch (METHODS.md §9.13). `val_dataloader()` and `test_dataloader()`
+test set each epoch and reports the best epoch (docs/recipes.md#test-as-validation). `val_dataloader()` and `test_dataloader()`
 therefore return the same split; we say so rather than hide it.
 """
 
@@ -39,7 +39,7 @@ def default_num_workers() -> int:
 class LLADataModule(L.LightningDataModule):
     """Base class: batches are `(x, y)`, x float (N,C,H,W) normalised with `mean`/`std`, y int64 (N,).
 
-    `val_dataloader()` is the **test split** (METHODS.md §9.13); `test_dataloader()` is the same split.
+    `val_dataloader()` is the **test split** (docs/recipes.md#test-as-validation); `test_dataloader()` is the same split.
     `denormalize(x)` gives back the [0,1] image that InfoPro's decoder reconstructs.
     """
 
@@ -123,7 +123,7 @@ class LLADataModule(L.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self):
-        """The test split (the papers validate on it, METHODS.md §9.13)."""
+        """The test split (the papers validate on it, docs/recipes.md#test-as-validation)."""
         return self._loader(self.test_set, train=False)
 
     def test_dataloader(self):

@@ -1,4 +1,4 @@
-"""CIFAR-10 (METHODS.md §6.1): 50k train / 10k test, 32x32, the test split doubles as validation (§9.13).
+"""CIFAR-10 (docs/recipes.md#cifar-recipe): 50k train / 10k test, 32x32, the test split doubles as validation (docs/recipes.md#test-as-validation).
 
 Files: the python version, `<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}`.
 
@@ -68,7 +68,7 @@ def _check_ends(path: Path) -> None:
 
 
 class CIFAR10DataModule(LLADataModule):
-    """CIFAR-10 with the §6.1 recipe: reflect-pad 4 + RandomCrop 32 + HFlip; val = the test split (§9.13)."""
+    """CIFAR-10 with the docs/recipes.md#cifar-recipe recipe: reflect-pad 4 + RandomCrop 32 + HFlip; val = the test split (docs/recipes.md#test-as-validation)."""
 
     name = "cifar10"
     num_classes = 10

@@ -41,7 +41,7 @@ def load_digits_split(test_size: float = 0.2, random_state: int = 0, size: int =
 
 class DigitsDataModule(LLADataModule):
     """sklearn digits, 10 classes, 32x32x3 (``image_size`` changes the side). Validation is the held-out test split
-    (METHODS.md §9.13).
+    (docs/recipes.md#test-as-validation).
 
     Train augmentation: random crop with zero padding 2, no flip (a mirrored 3 is not a 3). The normalisation
     statistics are the 32x32 ones at every size: bilinear resizing barely moves them, and de-normalising (InfoPro's

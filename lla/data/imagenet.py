@@ -1,4 +1,4 @@
-"""ImageNet (METHODS.md §6.2) from the standard class-folder layout: `<root>/train/<wnid>/*.JPEG`, same for val/.
+"""ImageNet (docs/recipes.md#imagenet-recipes) from the standard class-folder layout: `<root>/train/<wnid>/*.JPEG`, same for val/.
 
 ILSVRC ships val/ as 50,000 loose files; it must be sorted into class folders first (e.g. with the widely used
 `valprep.sh`). Validation is that val split, as in every reference script. There is no download: the archive needs
@@ -87,7 +87,7 @@ def class_folders(folder: Path) -> list[str]:
 
 
 def train_transform(size: int = 224) -> T.Compose:
-    """RandomResizedCrop + HFlip (§6.2, identical in all four repos), as uint8 CHW: normalised on the device."""
+    """RandomResizedCrop + HFlip (docs/recipes.md#imagenet-recipes, identical in all four repos), as uint8 CHW: normalised on the device."""
     return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 

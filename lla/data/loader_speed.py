@@ -9,7 +9,7 @@ ImageNet: both paths decode the JPEGs, RandomResizedCrop 224 + flip, normalise, 
 device (the torchvision path ships uint8 and normalises after the copy, as in training). DALI decodes on the GPU
 when there is one, else on its CPU backend; it is skipped (with a note) where `lla[dali]` is not installed.
 
-Both paths do the same work per image: §6.1 crop + flip, normalisation, and delivery on the device the model
+Both paths do the same work per image: docs/recipes.md#cifar-recipe crop + flip, normalisation, and delivery on the device the model
 would use (CUDA when there is one, else CPU). The DataLoader path is timed with 0 workers and with the default
 worker count; its first epoch (worker start-up) is not timed.
 

@@ -1,7 +1,7 @@
 """GPU-resident loader (`dataset.on_device=true`): the whole split lives on the accelerator as one tensor.
 
 Small datasets (CIFAR-10 is 150 MB as uint8) fit on any accelerator many times over. Keeping them there and doing
-the §6.1 crop + flip with batched tensor ops removes the CPU workers, the PIL round trip and the host-to-device copy
+the docs/recipes.md#cifar-recipe crop + flip with batched tensor ops removes the CPU workers, the PIL round trip and the host-to-device copy
 from every step, so the GPU never waits for data. Everything also runs on the CPU, which is what the tests use.
 
 Randomness (order, crop offsets, flips) is drawn on the CPU from a generator seeded by (seed, epoch), so an epoch's
@@ -23,7 +23,7 @@ class Augment:
     """A dataset's training augmentation: random crop from a padded image, then an optional horizontal flip.
 
     One spec drives both the torchvision transforms and the on-device loader, so the two paths cannot drift.
-    `pad_mode` is "reflect" (CIFAR-10, §6.1) or "constant" (zero padding: SVHN, STL-10, digits).
+    `pad_mode` is "reflect" (CIFAR-10, docs/recipes.md#cifar-recipe) or "constant" (zero padding: SVHN, STL-10, digits).
     """
 
     pad: int

@@ -1,6 +1,6 @@
-"""STL-10 (METHODS.md §6.1): the 5,000 labelled train images / 8,000 test, 96x96, val = the test split (§9.13).
+"""STL-10 (docs/recipes.md#cifar-recipe): the 5,000 labelled train images / 8,000 test, 96x96, val = the test split (docs/recipes.md#test-as-validation).
 
-10 classes. The reference scripts build 100-way heads for STL-10 because of a `'sl10'` typo (§9.10); we do not.
+10 classes. The reference scripts build 100-way heads for STL-10 because of a `'sl10'` typo (docs/reference-code.md#stl10-classes); we do not.
 
 Files: `<root>/stl10_binary/{train,test}_{X,y}.bin`. torchvision's STL10 insists on md5-checking all of them plus
 the 2.7 GB `unlabeled_X.bin`, which supervised training never reads. We replace that test with `check()`: file

@@ -1,7 +1,7 @@
-"""SVHN (METHODS.md §6.1): `train` (73,257) / `test` (26,032), 32x32; val = the test split (§9.13).
+"""SVHN (docs/recipes.md#cifar-recipe): `train` (73,257) / `test` (26,032), 32x32; val = the test split (docs/recipes.md#test-as-validation).
 
 The references do not use `extra` (531,131 more images); `svhn_extra=true` adds it to the training set.
-Augmentation is RandomCrop(32, padding=2) with zero padding and **no flip** (§9.10: digits are not mirror-symmetric).
+Augmentation is RandomCrop(32, padding=2) with zero padding and **no flip** (docs/reference-code.md#stl10-classes: digits are not mirror-symmetric).
 
 Files: `<root>/svhn/{train,test,extra}_32x32.mat` (a subfolder, so SVHN's loose files do not litter the shared data
 root). torchvision's SVHN md5-checks each file before reading; we replace that with `check()` (the .mat header must

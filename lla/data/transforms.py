@@ -1,4 +1,4 @@
-"""torchvision transform pipelines for PIL-backed datasets (METHODS.md §6), built from an `Augment` spec."""
+"""torchvision transform pipelines for PIL-backed datasets (docs/recipes.md), built from an `Augment` spec."""
 
 from __future__ import annotations
 

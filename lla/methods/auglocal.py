@@ -1,4 +1,4 @@
-"""AugLocal, augmented local learning (Ma et al., ICLR 2024), METHODS.md §5.4, §3.3, §9.11.
+"""AugLocal, augmented local learning (Ma et al., ICLR 2024), docs/methods/auglocal.md, docs/methods/auglocal.md#k-minus-d, docs/reference-code.md#auglocal-quirks.
 
 Every layer (stem + each block) is its own module. Module k minimises ``CE(aux_k(h_k), y)`` with weight 1, where
 aux_k rebuilds d layers sampled uniformly from the rest of the network with fresh weights (lla.aux.auglocal).
@@ -7,11 +7,11 @@ Matches the reference (ChenxiangMA/AugLocal):
   * CIFAR: ``K_eff = K - d`` modules (``k_minus_d``; "K=16, d=2" on ResNet-32 is 14 modules whose last holds layers
     13..15) and the pyramidal depth schedule (``pyramid``, ``pyramid_coeff``) over those K_eff modules;
   * ImageNet ResNets and VGG13: no pyramid, no K - d, GAP + Linear head (no BN1d) / the VGG MLP head.
-The nominal K stays ``split.k_label``; the real module count is ``num_modules`` (§11.1, §11.6).
+The nominal K stays ``split.k_label``; the real module count is ``num_modules`` (docs/splits.md#k-labels, docs/methods/auglocal.md#k-minus-d).
 Deliberate fixes: the stride counter reads the un-widened widths (the CIFAR code reads the widened ones, which only
 matters for widen != 1), and K_eff = 2 gives its one aux module depth d instead of dividing by zero.
 Memory: each module's loss is back-propagated on its own (the ImageNet script's default summed-loss mode is
-numerically the same but saves no memory, §5.4).
+numerically the same but saves no memory, docs/methods/auglocal.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class AugLocal(LocalLearner):
         if (self.variant == "vgg") != (natural == "vgg"):
             raise ConfigError("method.variant", f"variant {self.variant!r} does not fit backbone {backbone.name}",
                               f"auto or {natural}")
-        # The CIFAR reference's rules; its ImageNet script (ResNets and VGG) uses neither (§5.4).
+        # The CIFAR reference's rules; its ImageNet script (ResNets and VGG) uses neither (docs/methods/auglocal.md).
         cifar = self.variant == "cifar"
         self.depth = depth
         self.pyramid = cifar if pyramid is None else pyramid
@@ -69,7 +69,7 @@ class AugLocal(LocalLearner):
         self.hparams.update(variant=self.variant, pyramid=self.pyramid, k_minus_d=self.k_minus_d)
 
     def resolve_split(self, backbone: nn.Module, k: int) -> Split:
-        """Single-layer modules; on CIFAR only the first K - d of them (§3.3)."""
+        """Single-layer modules; on CIFAR only the first K - d of them (docs/methods/auglocal.md#k-minus-d)."""
         return resolve_split(backbone.name, backbone.num_layers, k, "auglocal", aux_depth=self.depth,
                              k_minus_d=self.k_minus_d)
 

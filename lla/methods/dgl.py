@@ -1,8 +1,8 @@
-"""DGL, Decoupled Greedy Learning (Belilovsky et al., ICML 2020), METHODS.md §5.2.
+"""DGL, Decoupled Greedy Learning (Belilovsky et al., ICML 2020), docs/methods/dgl.md.
 
 Module k (k < K-1) minimises ``CE(aux_k(h_k), y)`` with weight 1 on a small auxiliary classifier; there is no
 reconstruction term. ``head`` picks one of the three published heads (official | auglocal | man), which is why "DGL"
-rows differ between papers (§11.8).
+rows differ between papers (docs/methods/dgl.md#heads).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ REFERENCE_MODE: dict = {}  # head=official already is eugenium/DGL's; other pape
 
 
 class DGL(LocalLearner):
-    split_family = "infopro"  # DGL rows use InfoPro's split tables (§5.2)
+    split_family = "infopro"  # DGL rows use InfoPro's split tables (docs/methods/dgl.md)
 
     def __init__(self, *args, mode: str = "paper", head: str = "official", feature_dim: int = 128, **kwargs):
         self.mode, self.switches = mode, resolve_mode(mode, {}, PAPER_MODE, REFERENCE_MODE)

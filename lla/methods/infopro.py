@@ -1,4 +1,4 @@
-"""InfoPro (Wang et al., "Revisiting Locally Supervised Learning", ICLR 2021), METHODS.md §5.3.
+"""InfoPro (Wang et al., "Revisiting Locally Supervised Learning", ICLR 2021), docs/methods/infopro.md.
 
 Local module k < K-1 minimises ``lam1_k * BCE(Decoder(h_k), x01) + lam2_k * L_y(Head(h_k), y)`` on its own output,
 with ``r_k = k/(K-2)`` interpolating (lam1, lam2) from (ixx_1, ixy_1) at module 0 to (ixx_2, ixy_2) at module K-2;
@@ -7,16 +7,16 @@ the last module is plain CE through the real classifier (engine default).
 Matches the reference (blackfeather-wang/InfoPro-Pytorch) in splits (InfoPro tables, InfoPro* with
 ``balanced_memory``), heads, decoder, contrastive loss, weight schedule and the ImageNet K=2 aux nets (chosen
 automatically for ImageNet ResNets). Deliberate differences: the STL-10 class count comes from the data (the
-reference's 100-way typo, §9.10), x01 comes from the data module instead of CUDA buffers sized to the batch, and
-only the aux nets that are used exist (§9.7).
+reference's 100-way typo, docs/reference-code.md#stl10-classes), x01 comes from the data module instead of CUDA buffers sized to the batch, and
+only the aux nets that are used exist (docs/reference-code.md#unused-aux-nets).
 
-Loss weights: the §5.3 per-(dataset, net, K) table is data (``lla/aux/infopro_presets.yaml``), picked by
+Loss weights: the docs/methods/infopro.md per-(dataset, net, K) table is data (``lla/aux/infopro_presets.yaml``), picked by
 ``preset``. ``preset="auto"`` (the YAML default) takes the row for the run's K from ``paper_weights``, the table
 conf/paper_weights/infopro_<dataset>_<backbone>.yaml puts into the composed config, and logs one line when there is
 none. Precedence per weight: explicit option > named preset row > auto row > default, where the default is
 CIFAR-10 R32 K=16 (5, 0.05, 0.2, 0.5) on CIFAR-style nets and the ImageNet README's 5 / 0.75 on ImageNet ResNets. ``loss=auto`` is
 the preset's loss, else ``contrast`` (comand.sh) on CIFAR-style nets and ``ce`` (ImageNet README) on ImageNet.
-``lambda_schedule=stage_index`` swaps in MAN's r = stage(B_next)/(K-2) (§5.5.7) for ablations, with K the real
+``lambda_schedule=stage_index`` swaps in MAN's r = stage(B_next)/(K-2) (docs/methods/man.md#lambda-schedule) for ablations, with K the real
 module count; weights that go negative there (K = 3, 4) are used as they come, as MAN ran them.
 """
 
@@ -89,13 +89,13 @@ class InfoPro(LocalLearner):
         super().__init__(backbone, k, **kwargs)
 
     def resolve_split(self, backbone: nn.Module, k: int) -> Split:
-        """InfoPro tables, or the InfoPro* rows when ``balanced_memory`` names a dataset (§3.2)."""
+        """InfoPro tables, or the InfoPro* rows when ``balanced_memory`` names a dataset (docs/splits.md#resnet110)."""
         return resolve_split(backbone.name, backbone.num_layers, k, self.split_family,
                              balanced_memory=self.balanced_memory)
 
     def lambdas(self, k: int) -> tuple[float, float]:
         """(lam1, lam2) of local module k under the chosen schedule."""
-        if self.lambda_schedule == "stage_index":  # stage of the block that opens module k+1 (§5.5.7)
+        if self.lambda_schedule == "stage_index":  # stage of the block that opens module k+1 (docs/methods/man.md#lambda-schedule)
             stage = self.backbone.specs[self.module_layers(k + 1)[0]].stage
             return stage_index_lambdas(stage, self.num_modules, *self.weights)
         return infopro_lambdas(k, self.num_modules, *self.weights)
@@ -117,7 +117,7 @@ class InfoPro(LocalLearner):
 
 
 def _resolve_variant(variant: str, backbone: nn.Module) -> str:
-    """auto: the ImageNet aux nets for ImageNet ResNets (§5.3), the CIFAR ones for everything else."""
+    """auto: the ImageNet aux nets for ImageNet ResNets (docs/methods/infopro.md), the CIFAR ones for everything else."""
     if variant == "auto":
         return "imagenet" if getattr(backbone, "family", "") == "imagenet_resnet" else "cifar"
     if variant not in VARIANTS:

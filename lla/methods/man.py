@@ -1,4 +1,4 @@
-"""MAN, Momentum Auxiliary Network (Su et al., ECCV 2024, arXiv 2407.05623), METHODS.md §5.5.
+"""MAN, Momentum Auxiliary Network (Su et al., ECCV 2024, arXiv 2407.05623), docs/methods/man.md.
 
 MAN is a plug-in on a base local rule (InfoPro or DGL). For every local module k < K-1, let B_next be the first
 block of module k+1. Module k's aux path gets two copies of B_next: ``EMA_k`` (no gradient, pulled towards the live
@@ -7,9 +7,9 @@ runs on ``y_k = LB_k(h_k) + EMA_k(h_k)``, sized for B_next's *output* (2x channe
 stage). Loss k reaches LB_k and module k (through EMA_k's activations), never EMA_k's parameters or module k+1.
 
 Matches the reference (JunhaoSu0/MAN) in: the EMA update right after module k's backward, i.e. before module k+1
-steps, so it reads B_next's weights from the end of the previous iteration (§4, §5.5.5); parameters only, BN running
-stats not averaged; the stage-index lambda schedule ``r = lo/(K-2)`` with the nominal K (§5.5.7, §9.2).
-Switchable where the reference looks unintended (§9.3, §11.2-§11.4):
+steps, so it reads B_next's weights from the end of the previous iteration (docs/architecture.md#one-training-step-as-data, docs/methods/man.md#ema-copies); parameters only, BN running
+stats not averaged; the stage-index lambda schedule ``r = lo/(K-2)`` with the nominal K (docs/methods/man.md#lambda-schedule, docs/reference-code.md#man-lambda).
+Switchable where the reference looks unintended (docs/reference-code.md#man-init, docs/methods/man.md#lambda-schedule):
 
 ``mode`` (lla.methods.modes): ``paper`` (default) takes ``PAPER_MODE`` for the switches left null, ``reference`` takes
 ``REFERENCE_MODE``, the official train.py / imagenet_DDP.py behaviour; an explicit switch wins over either.
@@ -18,7 +18,7 @@ Switchable where the reference looks unintended (§9.3, §11.2-§11.4):
   init loop re-draws both copies (independently) after the deepcopy: here a fresh ``backbone.make_block``.
 * ``lambda_schedule``: ``stage_index`` (MAN reproduction) or ``module_index`` (InfoPro's own schedule).
 * ``learnable_scale``: MAN++'s ``y = s*LB(h) + (2-s)*EMA(h)`` with a learnable scalar s per module, init 1.
-* ImageNet (§5.5.9): the reference hard-codes ``5*BCE + 0.75*CE``; here ixx/ixy apply, and the default ``ixy_1``
+* ImageNet (docs/methods/man.md#imagenet): the reference hard-codes ``5*BCE + 0.75*CE``; here ixx/ixy apply, and the default ``ixy_1``
   (null) resolves to 0.75 on ImageNet backbones and 0.5 (MAN README) elsewhere, so defaults give the same loss.
 """
 
@@ -37,7 +37,7 @@ from lla.errors import ConfigError
 from lla.methods.modes import resolve_mode
 from lla.recompute import run_segment
 
-DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (§5.2c)
+DEFAULT_HEADS = {"infopro": "2c2f", "dgl": "man"}  # MAN README (2c2f, flag not passed); MAN++ auxDGL (docs/methods/dgl.md#heads)
 PAPER_MODE = {"init_from_target": True, "lambda_schedule": "stage_index", "learnable_scale": False}
 # The MAN repository (CIFAR train.py and ImageNet imagenet_DDP.py alike): copies re-drawn by the global init loop
 # (not copied from B_next), r = stage(B_next)/(K-2), no MAN++ scale.
@@ -64,7 +64,7 @@ class MomentumAux(nn.Module):
         lb, ema = run_segment(self.lb, h, self.recompute), run_segment(self.ema, h, self.recompute)
         if self.scale is None:
             return lb + ema
-        return self.scale * lb + (2.0 - self.scale) * ema  # MAN++ (§5.5.10)
+        return self.scale * lb + (2.0 - self.scale) * ema  # MAN++ (docs/methods/man.md#learnable-bias)
 
     def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
         return self.rule(self.augment(h), y, x01)
@@ -73,7 +73,7 @@ class MomentumAux(nn.Module):
 class MAN(LocalLearner):
     """InfoPro+MAN / DGL+MAN. Options are documented in ``conf/method/man.yaml``."""
 
-    split_family = "man"  # MAN's K labels: R32 "16" = 15 modules, R110 "55" = 54 (§3, §9.1)
+    split_family = "man"  # MAN's K labels: R32 "16" = 15 modules, R110 "55" = 54 (docs/splits.md#tables, docs/splits.md#k-labels)
 
     def __init__(self, *args, base: str = "infopro", ema_momentum: float = 0.995, mode: str = "paper",
                  init_from_target: bool | None = None, lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float | None = None,
@@ -85,7 +85,7 @@ class MAN(LocalLearner):
                                             "learnable_scale": learnable_scale}, PAPER_MODE, REFERENCE_MODE)
         init_from_target, lambda_schedule, learnable_scale = (
             self.switches[key] for key in ("init_from_target", "lambda_schedule", "learnable_scale"))
-        if ixy_1 is None:  # §5.5.9: ImageNet's hard-coded 0.75; the CIFAR README's 0.5
+        if ixy_1 is None:  # docs/methods/man.md#imagenet: ImageNet's hard-coded 0.75; the CIFAR README's 0.5
             ixy_1 = 0.75 if getattr(backbone, "family", None) == "imagenet_resnet" else 0.5
         self.base_rule = BaseRule.checked(base, head, DEFAULT_HEADS, lambda_schedule=lambda_schedule, loss=loss,
                                           feature_dim=feature_dim, widen=widen, ixx_1=ixx_1, ixy_1=ixy_1,
@@ -99,7 +99,7 @@ class MAN(LocalLearner):
 
     # ------------------------------------------------------------------ structure
     def next_block_index(self, k: int) -> int:
-        """Global index of B_next, the first layer of module k+1 (§5.5.1)."""
+        """Global index of B_next, the first layer of module k+1 (docs/methods/man.md#next-block)."""
         return self.module_layers(k + 1)[0]
 
     def build_aux(self, k: int) -> nn.Module:
@@ -107,11 +107,11 @@ class MAN(LocalLearner):
         target = self.backbone.layers[idx]
         if self.init_from_target:
             lb, ema = copy.deepcopy(target), make_ema_copy(target)
-        else:  # the reference: both copies re-drawn by the init loop, independently (§5.5.6)
+        else:  # the reference: both copies re-drawn by the init loop, independently (docs/methods/man.md#init)
             lb, ema = self._fresh_block(idx), make_ema_copy(self._fresh_block(idx))
         for p in lb.parameters():
             p.requires_grad_(True)
-        # The rule sees B_next's output: 2x channels and half the size when B_next opens a stage (§5.5.3).
+        # The rule sees B_next's output: 2x channels and half the size when B_next opens a stage (docs/methods/man.md#next-block).
         channels = self.backbone.specs[idx].out_channels
         spatial = self.backbone.spatial_size(idx, self.image_size)
         rule = make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
@@ -134,8 +134,8 @@ class MAN(LocalLearner):
     def _rule_options(self, k: int, idx: int) -> dict:
         if self.base == "dgl":
             return self.base_rule.options()
-        # InfoPro weights (§5.3, §5.5.7); stage_index: r = lo / (K-2), lo = B_next's stage, K = the nominal label
-        # (R32 "16" -> 14, not 13); r > 1 extrapolates past (ixx_2, ixy_2) (§9.2) and is rejected when it goes negative
+        # InfoPro weights (docs/methods/infopro.md, docs/methods/man.md#lambda-schedule); stage_index: r = lo / (K-2), lo = B_next's stage, K = the nominal label
+        # (R32 "16" -> 14, not 13); r > 1 extrapolates past (ixx_2, ixy_2) (docs/reference-code.md#man-lambda) and is rejected when it goes negative
         lam = self.base_rule.lambdas(k, num_modules=self.num_modules, stage=self.backbone.specs[idx].stage,
                                 nominal_k=self.nominal_k)
         self.lambdas.append(lam)
@@ -153,7 +153,7 @@ class MAN(LocalLearner):
         return aux(h, batch[1], self.x01(batch) if aux.needs_x01 else None)
 
     def after_backward(self, k: int) -> None:
-        """EMA_k <- m EMA_k + (1-m) B_next, before module k+1 steps this batch (§5.5.5)."""
+        """EMA_k <- m EMA_k + (1-m) B_next, before module k+1 steps this batch (docs/methods/man.md#ema-copies)."""
         if k < self.num_modules - 1:
             ema_update(self.aux[k].ema, self.backbone.layers[self.next_block_index(k)], self.ema_momentum)
 

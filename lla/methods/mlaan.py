@@ -1,4 +1,4 @@
-"""MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang, ..., Su, Cai; arXiv 2406.16633, AAAI 2025), §5.6.
+"""MLAAN, Multilaminar Leap Augmented Auxiliary Network (Zhang, ..., Su, Cai; arXiv 2406.16633, AAAI 2025), docs/methods/mlaan.md.
 
 A plug-in on a base rule (DGL or InfoPro). Every local module k < K-1 has two losses on its output h_k:
 
@@ -19,7 +19,7 @@ span+1 times); they never affect training-mode outputs, only evaluation.
 
 Faithful to the reference in: the LAM tables, ``A[0](z) + EMA[0](z)``, EMA over parameters only, right after the
 module's backward (so it reads the source block's weights from the end of the previous step), wx/wy 0.001/0.999.
-Deliberate defaults for the paper's intent, each switchable back to a reference quirk (§9.5, §11.5):
+Deliberate defaults for the paper's intent, each switchable back to a reference quirk (docs/reference-code.md#mlaan-quirks, docs/methods/mlaan.md#differences):
 
 * ``update_all_ema`` (true): every module's EMA is updated; false = CIFAR code, only the last local module's.
 * ``early_losses`` (true): modules before the first full window get a loss over the modules that exist (module 0:
@@ -91,7 +91,7 @@ class HeadLosses(NamedTuple):
 class MLAAN(LocalLearner):
     """DGL+MLAAN / InfoPro+MLAAN. Options are documented in ``conf/method/mlaan.yaml``."""
 
-    split_family = "mlaan"  # R32 "16" -> 15 modules, R110 "55" -> 54 (§3, §9.1)
+    split_family = "mlaan"  # R32 "16" -> 15 modules, R110 "55" -> 54 (docs/splits.md#tables, docs/splits.md#k-labels)
 
     def __init__(self, *args, base: str = "dgl", mode: str = "paper", cascade_span: int | None = None,
                  wx: float = 0.001, wy: float = 0.999, ema_momentum: float = 0.995, update_all_ema: bool | None = None,
@@ -150,7 +150,7 @@ class MLAAN(LocalLearner):
         if self.lam_layers is None:
             self.lam_layers, self.lam_source = lam_lists(self.backbone, self.split, self.lam_depth)
         if k < self.first_loss:
-            return nn.Module()  # no loss of its own, so no aux net (§9.7)
+            return nn.Module()  # no loss of its own, so no aux net (docs/reference-code.md#unused-aux-nets)
         channels, spatial = self.module_output_shape(k)
         layers = self.lam_layers[k]
         lam_c, lam_s = lam_output_shape(self.backbone, layers, channels, spatial)
@@ -168,14 +168,14 @@ class MLAAN(LocalLearner):
         else:
             # Always the width-generic CIFAR aux nets: MLAAN heads sit on every block's output (64..2048 wide), and
             # MLAAN's ImageNet code has no InfoPro variant (its heads are GAP+FC), so the fixed 512/1024-channel
-            # ImageNet nets of §5.3 do not apply.
+            # ImageNet nets of docs/methods/infopro.md do not apply.
             options = self.base_rule.options(head, self._lambdas(k), variant="cifar")
         return make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
                          image_size=self.image_size, options=options)
 
     def _lambdas(self, k: int) -> tuple[float, float]:
         """InfoPro weights of module k; the same pair for both heads (resnetInfoProbin.py)."""
-        if k not in self.lambdas:  # stage_index: r = stage(end of module k) / (K-2), K = the table key (§9.2)
+        if k not in self.lambdas:  # stage_index: r = stage(end of module k) / (K-2), K = the table key (docs/reference-code.md#man-lambda)
             self.lambdas[k] = self.base_rule.lambdas(k, num_modules=self.num_modules,
                                                      stage=self.module_output_spec(k).stage, nominal_k=self.nominal_k)
         return self.lambdas[k]
@@ -249,7 +249,7 @@ class MLAAN(LocalLearner):
         return [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
 
     def after_backward(self, k: int) -> None:
-        """EMA_k <- m EMA_k + (1-m) source, before the source block's module steps in this batch (§5.6)."""
+        """EMA_k <- m EMA_k + (1-m) source, before the source block's module steps in this batch (docs/methods/mlaan.md)."""
         if self.first_loss <= k < self.num_modules - 1 and (self.update_all_ema or k == self.num_modules - 2):
             ema_update(self.aux[k].lam.ema, self.backbone.layers[self.lam_layers[k][0]], self.ema_momentum)
 

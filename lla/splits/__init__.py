@@ -2,8 +2,8 @@
 
 A split is a sorted tuple of K-1 global layer indices, the *boundaries*: module k ends right after layer
 ``boundaries[k]`` and the last module runs to layer L-1 plus the classifier; module 0 always holds the stem
-(METHODS.md §1). The tables in ``tables/<backbone>.yaml`` keep the ``[stage, block]`` split points exactly as
-the reference configs list them, so they can be checked line by line against METHODS.md §3; this module
+(docs/splits.md#layer-addresses). The tables in ``tables/<backbone>.yaml`` keep the ``[stage, block]`` split points exactly as
+the reference configs list them, so they can be checked line by line against docs/splits.md#tables; this module
 converts them.
 
 The tables also register the split families: a family exists because a table file has a block for it under
@@ -40,13 +40,13 @@ __all__ = [
 ]
 
 # Which table a method reads (its class attribute ``split_family``). DGL / InfoPro / E2E-like baselines use
-# "infopro". K labels differ per family (§3, §9.1). Every family but these is declared by the table files
+# "infopro". K labels differ per family (docs/splits.md#tables, docs/splits.md#k-labels). Every family but these is declared by the table files
 # themselves (a block under ``families:``); ``lla.splits.FAMILIES`` is :func:`families`, read from them.
 TABLELESS_FAMILIES = ("e2e",)  # one module whatever K says: no table
 
 TABLE_DIR = Path(__file__).with_name("tables")
 
-# Blocks per stage of the torchvision-layout ImageNet nets (METHODS.md §2.2).
+# Blocks per stage of the torchvision-layout ImageNet nets (docs/backbones.md#imagenet-resnet).
 _IMAGENET_STAGES = {
     "resnet18": (2, 2, 2, 2),
     "resnet34": (3, 4, 6, 3),
@@ -57,13 +57,13 @@ _IMAGENET_STAGES = {
     "resnext101_32x8d": (3, 4, 23, 3),
 }
 _CIFAR_RESNET = re.compile(r"resnet(\d+)")
-_CIFAR_BOTTLENECK_DEPTHS = (164, 1001)  # 9 layers per block, not 6 (§2.1)
+_CIFAR_BOTTLENECK_DEPTHS = (164, 1001)  # 9 layers per block, not 6 (docs/backbones.md#cifar-resnet)
 _NAME = re.compile(r"[a-z0-9_]+")
 
 
 @dataclass(frozen=True)
 class Split:
-    """K contiguous local modules over L layers, plus where the split came from (for logs, §11.1)."""
+    """K contiguous local modules over L layers, plus where the split came from (for logs, docs/splits.md#k-labels)."""
 
     backbone: str
     num_layers: int
@@ -103,7 +103,7 @@ class Split:
 
 
 def stage_sizes(backbone: str) -> tuple[int, ...] | None:
-    """Residual blocks per stage, from the name alone (§2.1, §2.2); None for nets without stages (VGG)."""
+    """Residual blocks per stage, from the name alone (docs/backbones.md#cifar-resnet, docs/backbones.md#imagenet-resnet); None for nets without stages (VGG)."""
     if backbone in _IMAGENET_STAGES:
         return _IMAGENET_STAGES[backbone]
     m = _CIFAR_RESNET.fullmatch(backbone)
@@ -118,7 +118,7 @@ def stage_sizes(backbone: str) -> tuple[int, ...] | None:
 
 
 def global_index(backbone: str, stage: int, block: int) -> int:
-    """g(s, j) of METHODS.md §1: the stem is [0, 0] = 0, then blocks in forward order."""
+    """g(s, j) of docs/splits.md#layer-addresses: the stem is [0, 0] = 0, then blocks in forward order."""
     stages = stage_sizes(backbone)
     if stages is None:
         raise ValueError(f"{backbone} has no [stage, block] addressing")
@@ -184,11 +184,11 @@ def resolve_split(
     k_minus_d: bool = True,
     balanced_memory: str | None = None,
 ) -> Split:
-    """The split a method of `family` uses for the user's K on `backbone` (METHODS.md §3).
+    """The split a method of `family` uses for the user's K on `backbone` (docs/splits.md#tables).
 
     A paper table entry wins (after the family's K-label aliases, e.g. MLAAN 55 -> 54); any other K gets
-    `balanced_boundaries`. `aux_depth` / `k_minus_d` only matter for AugLocal (K_eff = K - d, §3.3);
-    `balanced_memory` ("cifar10" | "stl10") picks the InfoPro* rows of §3.2.
+    `balanced_boundaries`. `aux_depth` / `k_minus_d` only matter for AugLocal (K_eff = K - d, docs/methods/auglocal.md#k-minus-d);
+    `balanced_memory` ("cifar10" | "stl10") picks the InfoPro* rows of docs/splits.md#resnet110.
     """
     backbone = _check_name(backbone)
     known = families()
@@ -218,7 +218,7 @@ def resolve_split(
 
 
 def lam_layers(backbone: str, k_label: int) -> list[list[int]] | None:
-    """MLAAN LAM blocks (§5.6) as global layer indices, one list per local module 0..K-2.
+    """MLAAN LAM blocks (docs/methods/mlaan.md) as global layer indices, one list per local module 0..K-2.
 
     None when there is no LAM table for this K: the MLAAN method then picks downstream layers itself.
     """
@@ -312,7 +312,7 @@ def _to_boundaries(entry: Iterable, backbone: str, *, ordered: bool = True) -> t
 
 
 def _parse_modules(spec: str | int) -> list[int]:
-    """'0-1, 3' -> [0, 1, 3]: module ranges written the way METHODS.md §5.6 writes them."""
+    """'0-1, 3' -> [0, 1, 3]: module ranges written the way docs/methods/mlaan.md writes them."""
     out: list[int] = []
     for part in str(spec).split(","):
         lo, _, hi = part.strip().partition("-")
@@ -323,7 +323,7 @@ def _parse_modules(spec: str | int) -> list[int]:
 def _auglocal_split(
     backbone: str, num_layers: int, k: int, fam: dict, aux_depth: int | None, k_minus_d: bool
 ) -> Split:
-    """AugLocal keeps the first K_eff - 1 boundaries of the all-layers list (§3.3).
+    """AugLocal keeps the first K_eff - 1 boundaries of the all-layers list (docs/methods/auglocal.md#k-minus-d).
 
     K_eff = K - d on CIFAR; the ImageNet code makes no adjustment (k_minus_d=False, K_eff = K).
     """
@@ -353,7 +353,7 @@ def _auglocal_split(
 def _balanced_memory_split(
     backbone: str, num_layers: int, k: int, family: str, fam: dict, dataset: str
 ) -> Split:
-    """InfoPro* rows (§3.2): only where a table has them; an explicit request never falls back to balanced."""
+    """InfoPro* rows (docs/splits.md#resnet110): only where a table has them; an explicit request never falls back to balanced."""
     rows = fam.get("balanced_memory") or {}
     if dataset not in rows:
         where = ", ".join(sorted(rows)) if rows else _balanced_memory_index(TABLE_DIR)
