@@ -199,7 +199,10 @@ def report_and_check(runs: Sequence[Any], *, metric: str = "best", error: bool =
     return 1 when a finished row is more than ``margin`` points below the paper, else 0."""
     rows = compare(runs, load_published(EXPERIMENTS if experiments is None else experiments), metric)
     text = markdown(rows, error)
-    print(text)
+    if check or experiments is not None or any(r.published is not None for r in rows):
+        print(text)
+    else:  # e.g. digits runs: a table of empty paper columns says nothing
+        print("lla-report: no published value matches these rows (experiments/*.yaml, `published:`)")
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "paper.md").write_text(text)

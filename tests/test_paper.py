@@ -182,3 +182,12 @@ def test_published_entries_name_real_rows_once():
         assert all(k.split(".")[0] in {"method", "trainer", "dataset", "optim"} for k, _ in p.where), p
         if not p.unverified:
             assert "arXiv" in p.source and "Table" in p.source, p
+
+
+def test_rows_without_any_published_value_print_one_line_not_an_empty_table(tmp_path, experiments, capsys):
+    runs = tmp_path / "runs"
+    result(runs, "digits", method="dgl", label="DGL", k=4, dataset="digits", acc=0.9)  # no paper has digits
+    assert run_report(runs, experiments) == 0
+    out = capsys.readouterr().out
+    assert "no published value matches these rows" in out and "Published results beside ours" not in out
+    assert "| DGL | resnet32 | digits | 4 | 90.00 |" in (runs.parent / "report" / "paper.md").read_text()  # kept
