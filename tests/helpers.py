@@ -35,3 +35,17 @@ def grad_probe(method_cls: type) -> type:
 
     GradProbe.__name__ = GradProbe.__qualname__ = f"{method_cls.__name__}GradProbe"
     return GradProbe
+
+
+def strip_bn(module):
+    """Every BatchNorm replaced by Identity, in place: per-batch statistics break exact large-batch equalities
+    (accumulation, data parallelism), so those checks use no BN at all."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    for name, child in module.named_children():
+        if isinstance(child, _BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            strip_bn(child)
+    return module

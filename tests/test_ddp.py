@@ -30,6 +30,7 @@ from lla.backbones import build_backbone
 from lla.bench.ddp import spawn
 from lla.distributed import AllReduceBatchNorm, AllReduceSyncBatchNorm, LocalDDPStrategy
 from lla.errors import ConfigError
+from tests.helpers import strip_bn
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD, BS, STEPS, SIZE = 2, 4, 3, 16
@@ -51,16 +52,6 @@ LEARN_STEPS = 30
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def strip_bn(module: nn.Module) -> nn.Module:
-    """Per-rank batch statistics differ from the concatenated batch's: the core check uses no BN at all."""
-    for name, child in module.named_children():
-        if isinstance(child, _BatchNorm):
-            setattr(module, name, nn.Identity())
-        else:
-            strip_bn(child)
-    return module
-
-
 def denormalize(x):
     return x * 0.5 + 0.5
 

@@ -20,13 +20,12 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import lla.backbones
 import lla.data
 import lla.splits
-from lla.config import instantiate_checked
+from lla.build import build  # what the entry point builds: checked keys, datamodule, backbone, method
 from lla.errors import ConfigError
 from tests.helpers import grad_probe, trainer
 
@@ -51,17 +50,6 @@ def compose_with(tmp_path: Path, extra: dict[str, str], overrides: list[str]):
         shutil.copy(ROOT / src, conf / dest)
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return compose("config", overrides=["logger=none", "trainer=cpu", *overrides])
-
-
-def build(cfg):
-    """What the entry point builds from a composed config: datamodule, backbone, method (checked keys first)."""
-    dm = instantiate_checked(cfg.dataset, "dataset")
-    backbone = instantiate_checked(cfg.backbone, "backbone", num_classes=dm.num_classes)
-    model = instantiate_checked(
-        cfg.method, "method", backbone=backbone, k=int(cfg.k), num_classes=dm.num_classes,
-        image_size=dm.image_size, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        max_epochs=int(cfg.trainer.max_epochs), denormalize=dm.denormalize)
-    return dm, model
 
 
 def snapshot(model) -> dict[int, list[torch.Tensor]]:

@@ -15,7 +15,6 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from lla.backbones import build_backbone
@@ -23,20 +22,11 @@ from lla.errors import ConfigError
 from lla.methods.dgl import DGL
 from lla.methods.mlaan import MLAAN
 from lla.optim import ModuleOptimizers, OptimConfig
-from tests.helpers import trainer
+from tests.helpers import strip_bn, trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONST = {"lr": 0.05, "schedule": "constant", "warmup_epochs": 0}
 SIZE = 16
-
-
-def strip_bn(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():
-        if isinstance(child, _BatchNorm):
-            setattr(module, name, nn.Identity())
-        else:
-            strip_bn(child)
-    return module
 
 
 def build(method: str = "dgl", k: int = 4, bn: bool = False):
