@@ -174,13 +174,31 @@ def test_auglocal_row_takes_the_readme_depth_per_backbone():
     assert compose_job(["row=auglocal", "backbone=resnet110", "method.depth=5"]).method.depth == 5
 
 
+def run_row(cfg) -> tuple:
+    """(label, backbone, dataset, K, flattened resolved config) of a composed job, as lla-report reads them from
+    the run's results.json."""
+    from lla.report import flatten
+
+    config = cfg.copy()
+    with open_dict(config):
+        del config["hydra"]  # a run's results.json config has no hydra node
+    setting = flatten(OmegaConf.to_container(config, resolve=True))
+    return cfg.label, cfg.backbone.name, cfg.hydra.runtime.choices.dataset, int(cfg.k), setting
+
+
 @pytest.mark.slow
 def test_every_job_of_every_experiment_resolves(monkeypatch):
-    """All ~220 jobs: composed like Hydra composes them, the split and every option checked (aux nets stubbed)."""
-    seen = set()
+    """All ~220 jobs: composed like Hydra composes them, the split and every option checked (aux nets stubbed).
+    And every `published:` entry names a row its own experiment's sweep produces, with the `where` values those
+    runs really have, compared as lla-report compares a run; E2E entries of the CIFAR-family tables are matched by
+    the E2E experiment at the epochs their `where` names (160 for InfoPro's tables, 400 for MAN's)."""
+    from lla.paper import load_published
+
+    seen, produced = set(), {}
     for name in EXPERIMENTS:
         for job in expand([f"experiment={name}"]):
             cfg = compose_job(job)
+            produced.setdefault(name, []).append(run_row(cfg))
             key = repr((OmegaConf.to_container(cfg.method, resolve=True), cfg.backbone.name, cfg.k,
                         cfg.dataset._target_))
             if key in seen:
@@ -188,6 +206,11 @@ def test_every_job_of_every_experiment_resolves(monkeypatch):
             seen.add(key)
             _, model = build_meta(cfg, stub_aux=True, monkeypatch=monkeypatch)
             assert model.num_modules >= 1, job
+    e2e = [run_row(compose_job(job))
+           for job in expand(["experiment=e2e_cifar", "dataset=cifar10,svhn,stl10", "trainer.max_epochs=160,400"])]
+    for p in load_published(ROOT / "experiments"):
+        runs = e2e if p.label == "E2E" and p.dataset != "imagenet" else produced[p.experiment]
+        assert any(p.matches(label, bb, ds, k, [setting]) for label, bb, ds, k, setting in runs), p
 
 
 # ---------------------------------------------------------------------------------------------------- bare multirun
@@ -292,3 +315,4 @@ def test_eval_overrides_apply_on_top_of_the_saved_config():
     assert out.dataset.root == "/new" and out.dataset.batch_size == 4
     assert out.trainer.accelerator == "cpu"
     assert ignored == ["row=dgl"]
+
