@@ -1,0 +1,606 @@
+"""Module-parallel training (``trainer=pipeline``): the K local modules split into N contiguous stages, one process
+(and one device) per stage, all training at the same time (docs/pipeline.md).
+
+Gradient isolation means module k never waits for a gradient from a later module, so stage s can run batch t+1
+while stage s+1 still runs batch t::
+
+    stage 0:  read batch t -> modules [0, b1) step as the engine does -> isend (h, y[, x]) to stage 1
+    stage s:  irecv batch t from stage s-1 -> modules [b_s, b_s+1) step -> isend to stage s+1
+    stage N-1: irecv -> its modules, the last one with the classifier
+
+Each stage runs the engine's own ``training_step`` over its modules only (:class:`PipelineStage` is the engine's
+``receive``/``send`` hook), so module k at batch t sees exactly the input it sees in one process (module k-1's output
+of batch t, computed before module k-1's step): the weights equal single-process training's (tests/test_pipeline.py).
+
+Transport: torch.distributed point-to-point (gloo on CPU, NCCL on GPU) on a group of its own, at most
+``depth`` sends in flight per stage (a stage waits for the send of batch t-depth before it sends batch t), and the
+receive of batch t+1 posted before batch t is computed. Stages > 0 read no images: their train loader yields only
+each batch's size (:class:`BatchSizes`), so Lightning runs the same batch count on every stage.
+
+Every process holds the whole model (same weights at setup: rank 0's are broadcast); each stage trains and steps only
+its own modules. Before validation and before every checkpoint, each stage broadcasts its modules' weights, buffers,
+momentum buffers and loss sums (:meth:`PipelineStrategy.gather_state`): every process then holds the current full
+model, validation runs on the full backbone, and the checkpoint rank 0 writes is an ordinary one (``mode=eval`` and a
+single-process resume load it unchanged).
+
+MAN: module k's EMA copy follows the first block of module k+1. Where that block is on the next stage, the next stage
+sends the block's weights back after each of its batches, and the EMA update of batch t reads the weights of the end
+of batch ``t - 1 - depth`` (instead of t-1): a fixed delay of ``depth`` steps (:class:`WeightsBack`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lla.compat import non_persistent_buffer_names
+from lla.distributed import LocalDDPStrategy, broadcast_module_states, broadcast_tensors
+from lla.errors import ConfigError
+
+log = logging.getLogger("lla")
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
+           torch.int8, torch.int16, torch.bool]
+_HEADER = 3 * 7  # per message tensor (h, y, x): present, dtype code, ndim, 4 per-sample dims
+
+
+# ---------------------------------------------------------------------------------------------------- boundaries
+def balance(costs: Sequence[float], stages: int) -> list[int]:
+    """First module of each of ``stages`` contiguous groups of ``costs`` (one per module), minimising the largest
+    group's total: the classic linear-partition DP, O(stages * K^2)."""
+    K, n = len(costs), int(stages)
+    if not 1 <= n <= K:
+        raise ValueError(f"cannot split {K} modules into {n} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    best = [[inf] * (K + 1) for _ in range(n + 1)]  # best[j][i]: first i modules in j stages
+    cut = [[0] * (K + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for j in range(1, n + 1):
+        for i in range(j, K + 1):
+            for m in range(j - 1, i):  # the last stage holds modules m..i-1
+                v = max(best[j - 1][m], prefix[i] - prefix[m])
+                if v < best[j][i] - 1e-12:
+                    best[j][i], cut[j][i] = v, m
+    firsts, i = [], K
+    for j in range(n, 0, -1):
+        i = cut[j][i]
+        firsts.append(i)
+    return firsts[::-1]
+
+
+def check_boundaries(firsts: Any, num_modules: int, stages: int) -> list[int]:
+    """``trainer.stage_boundaries``: the first module index of every stage, e.g. ``[0, 8]`` for 2 stages."""
+    allowed = f"{stages} increasing module indices starting at 0, each < {num_modules} (the first module of each stage)"
+    try:
+        firsts = [int(v) for v in firsts]
+    except (TypeError, ValueError):
+        raise ConfigError("trainer.stage_boundaries", f"must be a list of module indices, got {firsts!r}",
+                          allowed) from None
+    if len(firsts) != stages or firsts[0] != 0 or any(b <= a for a, b in zip(firsts, firsts[1:])) \
+            or firsts[-1] >= num_modules:
+        raise ConfigError("trainer.stage_boundaries", f"{firsts} does not split {num_modules} modules into "
+                          f"{stages} stages", allowed)
+    return firsts
+
+
+def check_pipelinable(model, stages: int, firsts: Sequence[int] | None = None) -> None:
+    """One-line errors for what cannot be pipelined: one module (E2E), more stages than modules, a loss whose
+    gradient would cross a stage boundary (MLAAN's cascade), a bad boundary list."""
+    K = model.num_modules
+    name = type(model).__name__
+    if K < 2:
+        raise ConfigError("trainer", f"trainer=pipeline needs at least 2 local modules; {name} has {K} (E2E "
+                          "back-propagates through the whole network: nothing to split)",
+                          "a local method (dgl, infopro, auglocal, man) with k >= 2, or trainer=cpu/gpu/ddp")
+    if stages < 2 or stages > K:
+        raise ConfigError("trainer.devices", f"trainer=pipeline with {stages} stages and {K} local modules",
+                          f"2..{K} (one stage per process, at least one module each)")
+    if firsts is not None:
+        check_boundaries(firsts, K, stages)
+    for k in range(K):
+        if model.span(k) > 1:
+            raise ConfigError("method", f"trainer=pipeline cannot run {name}: its loss {k} reaches back into module "
+                              f"{k - model.span(k) + 1} (span {model.span(k)}), a gradient that would cross a stage "
+                              "boundary", "a strictly local method (dgl, infopro, auglocal, man), or trainer=cpu/gpu/ddp")
+
+
+def stage_modules(firsts: Sequence[int], num_modules: int, stage: int) -> range:
+    ends = [*firsts[1:], num_modules]
+    return range(firsts[stage], ends[stage])
+
+
+def stage_submodules(model, modules: range) -> list[nn.Module]:
+    """The submodules a stage owns: its modules' backbone layers, their aux nets, and the classifier if last."""
+    K = model.num_modules
+    subs: list[nn.Module] = []
+    for k in modules:
+        subs += [model.backbone.layers[i] for i in model.module_layers(k)]
+        subs.append(model.aux[k] if k < K - 1 else model.backbone.head)
+    return subs
+
+
+def stage_tensors(model, modules: range, optimizer=None) -> list[Tensor]:
+    """Everything a stage changes while it trains: its parameters (EMA copies too), persistent buffers (BN running
+    stats), the momentum buffers of its modules' optimizers and its per-module loss sums."""
+    params: dict[int, Tensor] = {}
+    for sub in stage_submodules(model, modules):
+        for p in sub.parameters():
+            params.setdefault(id(p), p.data)
+    for k in modules:
+        for p in model.extra_module_parameters(k):
+            params.setdefault(id(p), p.data)
+    out = list(params.values())
+    for sub in stage_submodules(model, modules):
+        for mod in sub.modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None and name not in non_persistent_buffer_names(mod):
+                    out.append(buf)
+    if optimizer is not None and hasattr(optimizer, "optimizers"):
+        for k in modules:
+            opt = optimizer.optimizers[k]
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    buf = opt.state.get(p, {}).get("momentum_buffer") if p in opt.state else None
+                    if buf is not None:
+                        out.append(buf)
+    loss_sum = getattr(model, "_loss_sum", None)
+    if isinstance(loss_sum, Tensor) and loss_sum.numel() == model.num_modules:
+        out.append(loss_sum[modules.start:modules.stop])
+    return out
+
+
+def measure_module_costs(model, batch_size: int, steps: int = 3) -> list[float]:
+    """Seconds of forward + local loss + backward of each module on a random batch (median of ``steps``), on a copy
+    of the model (the model itself, its BN statistics and gradients, are untouched)."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    probe.train()
+    param = next(probe.parameters())
+    channels = probe.backbone.specs[0].in_channels
+    size = probe.image_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, channels, size, size, generator=g).to(param.device, param.dtype)
+    y = torch.randint(0, probe.num_classes, (batch_size,), generator=g).to(param.device)
+    batch = (x, y)
+    K = probe.num_modules
+    times: list[list[float]] = [[] for _ in range(K)]
+    for _ in range(steps):
+        h = x
+        for k in range(K):
+            sync = param.device.type == "cuda"
+            if sync:
+                torch.cuda.synchronize(param.device)
+            t0 = time.perf_counter()
+            h = probe.forward_module(k, h.detach())
+            loss = probe.final_loss(h, batch) if k == K - 1 else probe.local_loss(k, h, batch)
+            loss.backward()
+            if sync:
+                torch.cuda.synchronize(param.device)
+            times[k].append(time.perf_counter() - t0)
+        probe._x01_cache = None
+        probe.zero_grad(set_to_none=True)
+    del probe
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class BatchSizes(Dataset):
+    """Stages > 0: a "loader" of the real one's batch sizes; each item is an empty (B, 0) tensor."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.zeros(self.sizes[i], 0)
+
+
+def batch_sizes(loader) -> list[int] | None:
+    sampler = getattr(loader, "batch_sampler", None)
+    if sampler is None:
+        return None
+    return [len(b) for b in sampler]
+
+
+# ---------------------------------------------------------------------------------------------------- transport
+def _encode(tensors: Sequence[Tensor | None]) -> Tensor:
+    header = torch.zeros(_HEADER, dtype=torch.int64)
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        dims = list(t.shape[1:])
+        if len(dims) > 4:
+            raise ValueError(f"pipeline messages hold at most 5-d tensors, got {tuple(t.shape)}")
+        header[7 * i:7 * i + 3] = torch.tensor([1, _DTYPES.index(t.dtype), len(dims)])
+        header[7 * i + 3:7 * i + 3 + len(dims)] = torch.tensor(dims, dtype=torch.int64)
+    return header
+
+
+def _decode(header: Tensor) -> list[tuple[torch.dtype, tuple[int, ...]] | None]:
+    out: list[tuple[torch.dtype, tuple[int, ...]] | None] = []
+    values = header.tolist()
+    for i in range(3):
+        present, code, ndim = values[7 * i:7 * i + 3]
+        out.append((_DTYPES[code], tuple(values[7 * i + 3:7 * i + 3 + ndim])) if present else None)
+    return out
+
+
+class PipelineStage:
+    """One stage's side of the transport, called by the engine's ``training_step`` (``receive`` before its first
+    module, ``send`` right after its last module's forward) and by the strategy (``end_epoch``, ``finish``).
+
+    The receive of the next batch is posted while this one computes, whenever a next batch of this epoch will be
+    run (the same rule on both sides of a link, :meth:`_continues`); a batch the sender never produces (the run
+    stopped early on a signal) is matched at the end by :meth:`finish`, which sends a dummy for it."""
+
+    def __init__(self, stage: int, stages: int, firsts: Sequence[int], num_modules: int, depth: int,
+                 device: torch.device, group=None, send_x: bool = False):
+        self.stage, self.stages = int(stage), int(stages)
+        self.firsts = list(firsts)
+        self.modules = stage_modules(self.firsts, num_modules, self.stage)
+        self.depth = max(1, int(depth))
+        self.device = device
+        self.group = group
+        self.send_x = send_x  # a later stage's loss needs the input image (InfoPro's reconstruction)
+        self.prev = self.stage - 1 if self.stage > 0 else None
+        self.next = self.stage + 1 if self.stage < self.stages - 1 else None
+        self.sizes: list[int] | None = None  # batch sizes of an epoch (every stage, from the real loader)
+        self._sends: deque = deque()
+        self._posted: tuple[int, list[Tensor | None], list] | None = None  # (batch_idx, buffers, works)
+        self._meta: list | None = None  # (dtype, per-sample shape) of h, y, x: from the first message's header
+        self._header_sent = False
+        self._peer_posted_next: int | None = None  # sender side: the batch the next stage has posted a receive for
+        self.wait_s = 0.0  # time spent waiting on the transport (receives and send completions)
+        self.batches = 0
+
+    # -- the engine's hooks -------------------------------------------------------------------------------------
+    def receive(self, model, batch, batch_idx: int, steps: bool):
+        """(the batch for this stage's losses, its modules' input): stage 0's own batch, or stage s-1's message."""
+        more = self._continues(model, batch_idx, steps)
+        if self.prev is None:
+            if self.next is not None:
+                self._peer_posted_next = batch_idx + 1 if more else None
+            return batch, batch[0]
+        t0 = time.perf_counter()
+        if self._meta is None:
+            header = torch.zeros(_HEADER, dtype=torch.int64)
+            dist.recv(header, src=self.prev, group=self.group)
+            self._meta = _decode(header)
+        if self._posted is None or self._posted[0] != batch_idx:
+            self._posted = self._post(batch_idx, self._size(batch, batch_idx))
+        _, (h, y, x), works = self._posted
+        for w in works:
+            w.wait()
+        self._posted = None
+        if more:  # double buffering: batch t+1 arrives while batch t computes
+            self._posted = self._post(batch_idx + 1, self.sizes[batch_idx + 1])
+        if self.next is not None:
+            self._peer_posted_next = batch_idx + 1 if more else None
+        self.wait_s += time.perf_counter() - t0
+        self.batches += 1
+        if getattr(model, "channels_last", False) and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
+        return (x, y), h
+
+    def send(self, h: Tensor, batch) -> None:
+        """Hand this stage's output of the batch on (at most ``depth`` sends in flight)."""
+        if self.next is None:
+            return
+        x = batch[0] if self.send_x else None
+        tensors = [h.detach().contiguous(), batch[1].contiguous(), None if x is None else x.contiguous()]
+        t0 = time.perf_counter()
+        if not self._header_sent:
+            dist.send(_encode(tensors).to(self.device if self.device.type != "cpu" else "cpu"), dst=self.next,
+                      group=self.group)
+            self._header_sent = True
+        while len(self._sends) >= self.depth:
+            for w in self._sends.popleft()[1]:
+                w.wait()
+        works = [dist.isend(t, dst=self.next, group=self.group) for t in tensors if t is not None]
+        self._sends.append((tensors, works))  # the buffers stay alive until their send completes
+        self.wait_s += time.perf_counter() - t0
+
+    # -- epoch ends and the end of a fit ---------------------------------------------------------------------
+    def drain(self) -> None:
+        t0 = time.perf_counter()
+        while self._sends:
+            for w in self._sends.popleft()[1]:
+                w.wait()
+        self.wait_s += time.perf_counter() - t0
+
+    def finish(self) -> None:
+        """End of the fit: match a receive the next stage posted for a batch that will never come, wait for every
+        send and receive still in flight."""
+        if self.next is not None and self._peer_posted_next is not None and self._header_sent \
+                and self.sizes is not None and self._peer_posted_next < len(self.sizes):
+            b = self.sizes[self._peer_posted_next]
+            tensors, _ = self._sends[-1] if self._sends else (None, None)
+            if tensors is not None:
+                dummies = [None if t is None else t.new_zeros((b, *t.shape[1:])) for t in tensors]
+                self._sends.append((dummies, [dist.isend(t, dst=self.next, group=self.group)
+                                              for t in dummies if t is not None]))
+        self._peer_posted_next = None
+        self.drain()
+        if self._posted is not None:
+            for w in self._posted[2]:
+                w.wait()
+            self._posted = None
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _size(self, batch, batch_idx: int) -> int:
+        if self.sizes is not None and batch_idx < len(self.sizes):
+            return self.sizes[batch_idx]
+        return int(batch.shape[0] if isinstance(batch, Tensor) else batch[0].shape[0])
+
+    def _post(self, batch_idx: int, size: int):
+        buffers: list[Tensor | None] = []
+        works = []
+        for meta in self._meta:
+            if meta is None:
+                buffers.append(None)
+                continue
+            dtype, shape = meta
+            buf = torch.empty((size, *shape), dtype=dtype, device=self.device)
+            works.append(dist.irecv(buf, src=self.prev, group=self.group))
+            buffers.append(buf)
+        return batch_idx, buffers, works
+
+    def _continues(self, model, batch_idx: int, steps: bool) -> bool:
+        """Whether batch ``batch_idx + 1`` of this epoch will be trained: the same answer on every stage."""
+        trainer = model.trainer
+        total = trainer.num_training_batches
+        if self.sizes is None or not isinstance(total, int) or batch_idx + 1 >= min(total, len(self.sizes)):
+            return False
+        max_steps = trainer.max_steps
+        return max_steps is None or max_steps < 0 or trainer.global_step + int(steps) < max_steps
+
+
+# ---------------------------------------------------------------------------------------------------- strategy
+class PipelineStrategy(LocalDDPStrategy):
+    """N processes, one stage of local modules each (:class:`PipelineStage`); no gradient averaging.
+
+    Args (besides LocalDDPStrategy's):
+        depth: batches a stage may send before the oldest send has completed (``trainer.pipeline_depth``).
+        stage_boundaries: the first module of every stage (``trainer.stage_boundaries``); None balances the stages
+            from each module's measured forward + backward time (rank 0 measures, every stage gets its result).
+    """
+
+    strategy_name = "lla_pipeline"
+
+    def __init__(self, accelerator=None, parallel_devices=None, cluster_environment=None, checkpoint_io=None,
+                 precision_plugin=None, process_group_backend: str | None = None,
+                 timeout: timedelta | float | None = default_pg_timeout, start_method: str = "popen",
+                 depth: int = 2, stage_boundaries: Sequence[int] | None = None):
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError("trainer.pipeline_depth", f"must be an integer >= 1, got {depth!r}", ">= 1 (default 2)")
+        self.depth = depth
+        self.requested_boundaries = None if stage_boundaries is None else list(stage_boundaries)
+        self.boundaries: list[int] | None = None
+        self.module_costs: list[float] | None = None
+        self.pipeline_stage: PipelineStage | None = None
+        self.man_links: WeightsBack | None = None
+        self._p2p_group = None
+        self._back_group = None
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        return {"num_replicas": 1, "rank": 0}  # every stage walks the whole data set (only stage 0 reads it)
+
+    def configure_ddp(self) -> None:
+        model = self.lightning_module
+        broadcast_module_states(self.model)  # every stage starts from rank 0's weights
+        self.grad_sync = None
+        N = self.world_size
+        check_pipelinable(model, N, self.requested_boundaries)
+        if self.requested_boundaries is not None:
+            firsts = check_boundaries(self.requested_boundaries, model.num_modules, N)
+            costs = None
+        else:
+            costs = [0.0] * model.num_modules
+            if self.global_rank == 0:
+                dm = getattr(model.trainer, "datamodule", None)
+                costs = measure_module_costs(model, int(getattr(dm, "batch_size", 0) or 32))
+            shared = [costs]
+            dist.broadcast_object_list(shared, src=0)
+            costs = shared[0]
+            firsts = balance(costs, N)
+        self.boundaries, self.module_costs = firsts, costs
+        backend = self._get_process_group_backend()
+        self._p2p_group = dist.new_group(backend=backend)
+        s = self.global_rank
+        K = model.num_modules
+        needs_x = [any(getattr(m, "needs_x01", False) for m in model.aux[k].modules())
+                   for k in range(K - 1)] + [False]
+        later = range(stage_modules(firsts, K, s).stop, K)
+        self.pipeline_stage = PipelineStage(s, N, firsts, K, self.depth, self.root_device, self._p2p_group,
+                                            send_x=any(needs_x[k] for k in later))
+        if s == 0:
+            log.info("lla: pipeline of %d stages, first modules %s%s", N, firsts,
+                     f" (balanced from measured module times {[round(c * 1e3, 2) for c in costs]} ms)"
+                     if costs else " (trainer.stage_boundaries)")
+
+    def process_dataloader(self, dataloader: object) -> object:
+        stage = self.pipeline_stage
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if stage is None or trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
+            return dataloader
+        sizes = batch_sizes(dataloader)
+        if sizes is None:
+            raise ConfigError("dataset", "trainer=pipeline needs a map-style train loader (with a batch sampler)",
+                              "the datasets in conf/dataset")
+        stage.sizes = sizes
+        if stage.prev is None:
+            return dataloader
+        return DataLoader(BatchSizes(sizes), batch_size=None, shuffle=False)
+
+    # -- state: every process holds the full current model at validation and checkpoint time --------------------
+    def gather_state(self) -> None:
+        """Each stage broadcasts what it trains (weights, buffers, momentum, loss sums): afterwards every process
+        holds the current full model and optimizer state."""
+        if self.boundaries is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        model = self.lightning_module
+        opt = self.optimizers[0] if self.optimizers else None
+        for s in range(self.world_size):
+            broadcast_tensors(stage_tensors(model, stage_modules(self.boundaries, model.num_modules, s), opt), src=s)
+
+    def _align_buffers(self) -> None:  # before validation / test (LocalDDPStrategy's hook)
+        self.gather_state()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self.gather_state()  # every rank runs this in dump_checkpoint; rank 0 writes one ordinary checkpoint
+        return super().lightning_module_state_dict()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.pipeline_stage is not None:
+            self.pipeline_stage.finish()
+        if self.man_links is not None:
+            self.man_links.finish()
+        self.gather_state()  # after the fit every process holds the trained full model
+
+    def end_epoch(self, model) -> None:
+        """The engine's epoch end: sends done, every stage's loss sums on every rank (rank 0 logs them)."""
+        if self.pipeline_stage is not None:
+            self.pipeline_stage.drain()
+            opt = None
+            for s in range(self.world_size):
+                tensors = [model._loss_sum[stage_modules(self.boundaries, model.num_modules, s).start:
+                                           stage_modules(self.boundaries, model.num_modules, s).stop]]
+                broadcast_tensors(tensors, src=s)
+            del opt
+
+    def run_record(self) -> dict[str, Any]:
+        """What results.json records about the pipeline (rank 0 calls it after the fit; every stage joins)."""
+        stage = self.pipeline_stage
+        mine = {"wait_s": stage.wait_s if stage else None, "batches": stage.batches if stage else None}
+        gathered: list[Any] = [None] * self.world_size
+        if dist.is_available() and dist.is_initialized():
+            dist.all_gather_object(gathered, mine)
+        return {"stages": self.world_size, "stage_boundaries": self.boundaries, "depth": self.depth,
+                "module_costs_ms": None if self.module_costs is None else [c * 1e3 for c in self.module_costs],
+                "balanced": self.requested_boundaries is None, "stage_wait_s": [g and g["wait_s"] for g in gathered]}
+
+    def teardown(self) -> None:
+        self.pipeline_stage = None
+        self.man_links = None
+        for group in (self._p2p_group, self._back_group):
+            if group is not None:
+                try:
+                    dist.destroy_process_group(group)
+                except Exception:
+                    pass
+        self._p2p_group = self._back_group = None
+        super().teardown()
+
+
+# ---------------------------------------------------------------------------------------------------- MAN
+class WeightsBack:
+    """MAN across a stage boundary: stage s+1 sends B_next's (its first block's) weights back to stage s after
+    every batch; stage s's EMA update of batch t uses the weights of the end of batch ``t - 1 - delay``
+    (``delay`` = the pipeline depth), and the initial weights while ``t - 1 - delay < 0``. A fixed delay, the same
+    in every run (single-process training has delay 0)."""
+
+    def __init__(self, model, firsts: Sequence[int], stage: int, delay: int, group):
+        K = model.num_modules
+        self.group, self.delay = group, int(delay)
+        mods = stage_modules(firsts, K, stage)
+        self.model = model
+        # stage s: its last module k reads B_next on stage s+1 (if k < K-1); stage s+1 sends its first block back
+        self.reader_k = mods.stop - 1 if mods.stop < K else None
+        self.sends = stage > 0  # stage > 0 sends its first block to stage - 1
+        self.stage = stage
+        self.block = model.backbone.layers[model.module_layers(mods.start)[0]] if self.sends else None
+        self.remote = model.backbone.layers[model.next_block_index(self.reader_k)] if self.reader_k is not None else None
+        self.copy = None
+        if self.remote is not None:  # the stale copy the EMA reads: starts as the initial weights
+            import copy
+
+            self.copy = copy.deepcopy(self.remote)
+        self._recv: deque = deque()  # posted receives, oldest first: (batch index, buffers, works)
+        self._sends: deque = deque()
+        self._t_read = 0  # batches whose EMA update happened on this stage
+        self._t_sent = 0
+
+    def target(self, k: int) -> nn.Module | None:
+        """The module MAN's EMA of module k follows: this stage's delayed copy where B_next is remote."""
+        if k != self.reader_k or self.copy is None:
+            return None
+        t = self._t_read
+        self._t_read += 1
+        want = t - 1 - self.delay  # weights after the step of batch `want`
+        if want >= 0:
+            self._apply(want)
+        self._post(want + 1)  # keep receives ahead
+        return self.copy
+
+    def _params(self, module: nn.Module) -> list[Tensor]:
+        return [p.data for p in module.parameters()]
+
+    def _post(self, upto: int) -> None:
+        posted = self._recv[-1][0] if self._recv else self._t_posted_last()
+        for b in range(posted + 1, upto + self.delay + 1):
+            bufs = [torch.empty_like(p) for p in self._params(self.copy)]
+            works = [dist.irecv(t, src=self.stage + 1, group=self.group) for t in bufs]
+            self._recv.append((b, bufs, works))
+            self._last_posted = b
+
+    def _t_posted_last(self) -> int:
+        return getattr(self, "_last_posted", -1)
+
+    def _apply(self, want: int) -> None:
+        if not self._recv or self._recv[0][0] > want:
+            self._post(want)
+        while self._recv and self._recv[0][0] <= want:
+            b, bufs, works = self._recv.popleft()
+            for w in works:
+                w.wait()
+            if b == want:
+                with torch.no_grad():
+                    for p, new in zip(self._params(self.copy), bufs):
+                        p.copy_(new)
+
+    def after_batch(self) -> None:
+        """Stage > 0, after its modules stepped: send the first block's weights back."""
+        if not self.sends:
+            return
+        while len(self._sends) > self.delay + 1:
+            for w in self._sends.popleft()[1]:
+                w.wait()
+        bufs = [p.detach().clone() for p in self._params(self.block)]
+        self._sends.append((bufs, [dist.isend(t, dst=self.stage - 1, group=self.group) for t in bufs]))
+        self._t_sent += 1
+
+    def finish(self) -> None:
+        """End of the fit: the sender pads with copies for the receives still posted; both wait for everything."""
+        # The reader posts receives up to batch (reads + delay); the sender sent one per batch it ran.
+        if self.sends:
+            pass
+        while self._sends:
+            for w in self._sends.popleft()[1]:
+                w.wait()
+
+
+__all__ = ["PipelineStrategy", "PipelineStage", "balance", "check_boundaries", "check_pipelinable",
+           "measure_module_costs", "stage_modules", "stage_tensors"]

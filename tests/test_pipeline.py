@@ -1,0 +1,154 @@
+"""Module-parallel training (lla.pipeline, docs/pipeline.md): N stage processes (gloo) give the same weights as one
+process, for the strictly local methods.
+
+Why equality is expected: module k at batch t sees module k-1's output of batch t computed before module k-1's step,
+in one process and in a pipeline alike; each module's optimizer, BN statistics and LR schedule see the same sequence.
+Float64, BN kept (running stats compared too), several steps over two epochs (the LR schedule steps in between).
+
+One spawn per stage count runs every method (spawning costs seconds, these trainings milliseconds).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lla.backbones import build_backbone
+from lla.bench.ddp import spawn
+from lla.errors import ConfigError
+from lla.pipeline import PipelineStrategy, balance, check_boundaries, check_pipelinable
+
+BS, SIZE, BATCHES, EPOCHS = 4, 16, 3, 2
+OPTIM = {"lr": 0.05, "schedule": "cosine", "warmup_epochs": 0}  # the LR changes between the two epochs
+METHODS = {  # resnet20, 4 modules (AugLocal: K=8 -> 6 single-layer modules)
+    "dgl": ("lla.methods.dgl", "DGL", 4, {}),
+    "infopro": ("lla.methods.infopro", "InfoPro", 4, {}),  # the reconstruction loss needs the image on every stage
+    "auglocal": ("lla.methods.auglocal", "AugLocal", 8, {}),  # 6 single-layer modules (K - d)
+}
+BOUNDS = {2: [0, 2], 3: [0, 1, 3]}
+
+
+def denormalize(x):
+    return x * 0.5 + 0.5
+
+
+def build(method: str, seed: int = 0):
+    mod, cls_name, k, kwargs = METHODS[method]
+    cls = getattr(importlib.import_module(mod), cls_name)
+    torch.manual_seed(seed)
+    return cls(build_backbone("resnet20", 10), k=k, num_classes=10, image_size=SIZE, optim=OPTIM,
+               max_epochs=EPOCHS, denormalize=denormalize, **kwargs)
+
+
+def loader():
+    g = torch.Generator().manual_seed(0)
+    n = BS * BATCHES - 1  # a smaller last batch
+    data = TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(data, batch_size=BS, shuffle=False)
+
+
+def trainer(**kw):
+    args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=EPOCHS,
+                precision="64-true", use_distributed_sampler=False)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def _worker(rank: int, world: int, out: str, bounds: list[int]) -> None:
+    torch.set_num_threads(1)
+    results = {}
+    for name in METHODS:
+        model = build(name, seed=100 + rank)  # rank 1's own init must be replaced by rank 0's at setup
+        trainer(devices=world, strategy=PipelineStrategy(stage_boundaries=bounds, depth=2)).fit(model, loader())
+        results[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def references():
+    refs = {}
+    for name in METHODS:
+        model = build(name, seed=100)
+        trainer(devices=1).fit(model, loader())
+        refs[name] = model.state_dict()
+    return refs
+
+
+def run_pipeline(tmp_path_factory, world: int):
+    out = tmp_path_factory.mktemp(f"pipe{world}")
+    start = time.monotonic()
+    spawn(_worker, world, (str(out), BOUNDS[world]), timeout_s=300)
+    print(f"{world} stages: {time.monotonic() - start:.1f} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return run_pipeline(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return run_pipeline(tmp_path_factory, 3)
+
+
+def assert_equal_states(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        diff = (got[key].double() - want[key].double()).abs().max().item() if want[key].numel() else 0.0
+        assert diff <= 1e-12, f"{what}: {key} differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_weights_equal_one_process(two, three, references, name, world):
+    results = two if world == 2 else three
+    for rank in range(world):  # after the fit every stage holds the full trained model
+        assert_equal_states(results[rank][name], references[name], f"{name}, {world} stages, rank {rank}")
+    init = build(name, seed=100).state_dict()
+    moved = max((references[name][k].double() - init[k].double()).abs().max().item() for k in init
+                if init[k].is_floating_point())
+    assert moved > 1e-3  # training moved the weights: the equality is not trivial
+    bn = [k for k in init if k.endswith("running_mean")]
+    assert bn and any(not torch.equal(references[name][k], init[k]) for k in bn)  # BN statistics compared too
+
+
+# ---------------------------------------------------------------------------------------------------- pure helpers
+def test_balance_minimises_the_slowest_stage():
+    assert balance([1, 1, 1, 1], 2) == [0, 2]
+    assert balance([4, 1, 1, 1, 1], 2) == [0, 1]
+    assert balance([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [0, 5, 7]  # 15 | 13 | 17: max 17 is optimal
+    costs = [3, 1, 4, 1, 5, 9, 2, 6]
+    firsts = balance(costs, 3)
+    ends = [*firsts[1:], len(costs)]
+    worst = max(sum(costs[a:b]) for a, b in zip(firsts, ends))
+    import itertools
+
+    best = min(max(sum(costs[a:b]) for a, b in zip((0, i, j), (i, j, len(costs))))
+               for i, j in itertools.combinations(range(1, len(costs)), 2))
+    assert worst == best
+
+
+@pytest.mark.parametrize("bad", [[1, 2], [0], [0, 0], [0, 4], [0, 3, 2], "x"])
+def test_bad_boundary_lists_are_one_line_errors(bad):
+    with pytest.raises(ConfigError, match="trainer.stage_boundaries"):
+        check_boundaries(bad, 4, 2 if not isinstance(bad, list) or len(bad) != 3 else 3)
+
+
+def test_what_cannot_be_pipelined_is_refused():
+    from lla.methods.e2e import E2E
+    from lla.methods.mlaan import MLAAN
+
+    with pytest.raises(ConfigError, match="^trainer: trainer=pipeline needs at least 2 local modules"):
+        check_pipelinable(E2E(build_backbone("resnet20", 10), k=1, image_size=SIZE), 2)
+    with pytest.raises(ConfigError, match="^trainer.devices:"):
+        check_pipelinable(build("dgl"), 5)
+    with pytest.raises(ConfigError, match="^method: trainer=pipeline cannot run MLAAN"):
+        check_pipelinable(MLAAN(build_backbone("resnet20", 10), k=4, image_size=SIZE, denormalize=denormalize), 2)
