@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from datetime import timedelta
@@ -163,11 +164,11 @@ def stage_tensors(model, modules: range, optimizer=None) -> list[Tensor]:
 
 
 def measure_module_costs(model, batch_size: int, steps: int = 3) -> list[float]:
-    """Seconds of forward + local loss + backward of each module on a random batch (median of ``steps``), on a copy
-    of the model (the model itself, its BN statistics and gradients, are untouched)."""
-    import copy
-
-    probe = copy.deepcopy(model)
+    """Seconds of forward + local loss + backward of each module on a random batch (median of ``steps``). The
+    model's weights and BN statistics are restored afterwards and its gradients dropped."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    probe = model
+    was_training = probe.training
     probe.train()
     param = next(probe.parameters())
     channels = probe.backbone.specs[0].in_channels
@@ -193,13 +194,15 @@ def measure_module_costs(model, batch_size: int, steps: int = 3) -> list[float]:
             times[k].append(time.perf_counter() - t0)
         probe._x01_cache = None
         probe.zero_grad(set_to_none=True)
-    del probe
+    with torch.no_grad():
+        model.load_state_dict(saved)
+    model.train(was_training)
     return [sorted(t)[len(t) // 2] for t in times]
 
 
 # ---------------------------------------------------------------------------------------------------- data
 class BatchSizes(Dataset):
-    """Stages > 0: a "loader" of the real one's batch sizes; each item is an empty (B, 0) tensor."""
+    """Stages > 0: a "loader" of the real one's batch sizes; each item is ``(empty (B, 0) tensor,)``."""
 
     def __init__(self, sizes: Sequence[int]):
         self.sizes = list(sizes)
@@ -207,15 +210,28 @@ class BatchSizes(Dataset):
     def __len__(self) -> int:
         return len(self.sizes)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return torch.zeros(self.sizes[i], 0)
+    def __getitem__(self, i: int) -> tuple[Tensor]:
+        return (torch.zeros(self.sizes[i], 0),)
 
 
 def batch_sizes(loader) -> list[int] | None:
-    sampler = getattr(loader, "batch_sampler", None)
-    if sampler is None:
+    """The sizes of a train loader's batches in one epoch (indices only: no image is loaded)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is not None:
+        return [len(b) for b in batch_sampler]
+    sampler, size = getattr(loader, "sampler", None), getattr(loader, "batch_size", None)
+    if sampler is None or not isinstance(size, int) or getattr(loader, "drop_last", False):
         return None
-    return [len(b) for b in sampler]
+    n = len(sampler)  # lla's on-device loaders: a sampler and a batch size, the last batch short
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+def whole_data_set(loader) -> None:
+    """A loader that shards itself by rank (lla's on-device loaders read the Trainer's rank and world size): every
+    stage walks the whole data set, as one process does."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "rank") and hasattr(sampler, "world"):
+        sampler.rank, sampler.world = 0, 1
 
 
 # ---------------------------------------------------------------------------------------------------- transport
@@ -268,12 +284,17 @@ class PipelineStage:
         self._peer_posted_next: int | None = None  # sender side: the batch the next stage has posted a receive for
         self.wait_s = 0.0  # time spent waiting on the transport (receives and send completions)
         self.batches = 0
+        self.started: float | None = None  # first batch's start, last batch's end (busy fraction)
+        self.ended: float | None = None
 
     # -- the engine's hooks -------------------------------------------------------------------------------------
     def receive(self, model, batch, batch_idx: int, steps: bool):
         """(the batch for this stage's losses, its modules' input): stage 0's own batch, or stage s-1's message."""
         more = self._continues(model, batch_idx, steps)
+        if self.started is None:
+            self.started = time.perf_counter()
         if self.prev is None:
+            self.batches += 1
             if self.next is not None:
                 self._peer_posted_next = batch_idx + 1 if more else None
             return batch, batch[0]
@@ -337,6 +358,7 @@ class PipelineStage:
                                               for t in dummies if t is not None]))
         self._peer_posted_next = None
         self.drain()
+        self.ended = time.perf_counter()
         if self._posted is not None:
             for w in self._posted[2]:
                 w.wait()
@@ -346,7 +368,7 @@ class PipelineStage:
     def _size(self, batch, batch_idx: int) -> int:
         if self.sizes is not None and batch_idx < len(self.sizes):
             return self.sizes[batch_idx]
-        return int(batch.shape[0] if isinstance(batch, Tensor) else batch[0].shape[0])
+        return int(batch[0].shape[0])
 
     def _post(self, batch_idx: int, size: int):
         buffers: list[Tensor | None] = []
@@ -399,10 +421,24 @@ class PipelineStrategy(LocalDDPStrategy):
         self.module_costs: list[float] | None = None
         self.pipeline_stage: PipelineStage | None = None
         self.man_links: WeightsBack | None = None
+        self.stage_stats: dict[str, Any] | None = None  # this stage's waits and busy fraction, after the fit
         self._p2p_group = None
         self._back_group = None
 
     # -- setup ----------------------------------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        # Lightning's DDP setup re-seeds every process (reset_seed) after the model was built, which one process
+        # does not: keep the RNG streams as they were, so stage 0's augmentation draws are one process's.
+        import random
+
+        import numpy as np
+
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        super().setup_environment()
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
     @property
     def distributed_sampler_kwargs(self) -> dict:
         return {"num_replicas": 1, "rank": 0}  # every stage walks the whole data set (only stage 0 reads it)
@@ -425,7 +461,7 @@ class PipelineStrategy(LocalDDPStrategy):
             dist.broadcast_object_list(shared, src=0)
             costs = shared[0]
             firsts = balance(costs, N)
-        self.boundaries, self.module_costs = firsts, costs
+        self.boundaries, self.module_costs, self.num_modules = firsts, costs, model.num_modules
         backend = self._get_process_group_backend()
         self._p2p_group = dist.new_group(backend=backend)
         s = self.global_rank
@@ -443,7 +479,8 @@ class PipelineStrategy(LocalDDPStrategy):
     def process_dataloader(self, dataloader: object) -> object:
         stage = self.pipeline_stage
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if stage is None or trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
+        whole_data_set(dataloader)
+        if stage is None or trainer is None or not trainer.training:
             return dataloader
         sizes = batch_sizes(dataloader)
         if sizes is None:
@@ -474,8 +511,12 @@ class PipelineStrategy(LocalDDPStrategy):
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self.pipeline_stage is not None:
-            self.pipeline_stage.finish()
+        stage = self.pipeline_stage
+        if stage is not None:
+            stage.finish()
+            span = (stage.ended - stage.started) if stage.started is not None else None
+            self.stage_stats = {"wait_s": stage.wait_s, "batches": stage.batches, "train_s": span,
+                                "busy_fraction": None if not span else max(0.0, 1.0 - stage.wait_s / span)}
         if self.man_links is not None:
             self.man_links.finish()
         self.gather_state()  # after the fit every process holds the trained full model
@@ -493,14 +534,18 @@ class PipelineStrategy(LocalDDPStrategy):
 
     def run_record(self) -> dict[str, Any]:
         """What results.json records about the pipeline (rank 0 calls it after the fit; every stage joins)."""
-        stage = self.pipeline_stage
-        mine = {"wait_s": stage.wait_s if stage else None, "batches": stage.batches if stage else None}
-        gathered: list[Any] = [None] * self.world_size
+        mine = self.stage_stats or {}
+        gathered: list[Any] = [mine] * self.world_size
         if dist.is_available() and dist.is_initialized():
             dist.all_gather_object(gathered, mine)
+        K = getattr(self, "num_modules", None)
         return {"stages": self.world_size, "stage_boundaries": self.boundaries, "depth": self.depth,
+                "stage_modules": None if K is None or self.boundaries is None else
+                [list(stage_modules(self.boundaries, K, s)) for s in range(self.world_size)],
                 "module_costs_ms": None if self.module_costs is None else [c * 1e3 for c in self.module_costs],
-                "balanced": self.requested_boundaries is None, "stage_wait_s": [g and g["wait_s"] for g in gathered]}
+                "balanced": self.requested_boundaries is None,
+                **{f"stage_{key}": [(g or {}).get(key) for g in gathered]
+                   for key in ("busy_fraction", "wait_s", "train_s", "batches")}}
 
     def teardown(self) -> None:
         self.pipeline_stage = None
@@ -604,3 +649,46 @@ class WeightsBack:
 
 __all__ = ["PipelineStrategy", "PipelineStage", "balance", "check_boundaries", "check_pipelinable",
            "measure_module_costs", "stage_modules", "stage_tensors"]
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def _lightning_trainer():
+    import lightning as L
+
+    return L.Trainer
+
+
+class PipelineTrainer(_lightning_trainer()):
+    """``trainer=pipeline``: a Lightning Trainer whose strategy is :class:`PipelineStrategy`, with the pipeline's own
+    settings as Trainer arguments (``trainer.pipeline_depth``, ``trainer.stage_boundaries``, ``trainer.replicas``).
+    What cannot be pipelined fails in ``fit`` with one line, before any process is started."""
+
+    def __init__(self, *args: Any, pipeline_depth: int = 2, stage_boundaries: Sequence[int] | None = None,
+                 replicas: int = 1, process_group_backend: str | None = None, timeout: float = 1800,
+                 **kwargs: Any):
+        if replicas != 1:
+            raise ConfigError("trainer.replicas", f"trainer=pipeline with {replicas} data-parallel replicas per stage "
+                              "is not built (each stage would need its own gradient all-reduce group and sharded "
+                              "data on stage 0 only)", "1; for data parallelism alone: trainer=ddp")
+        devices = kwargs.get("devices", 2)
+        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 2:
+            raise ConfigError("trainer.devices", f"trainer=pipeline needs the number of stages, got {devices!r}",
+                              "an integer >= 2 (one process and device per stage)")
+        if kwargs.get("sync_batchnorm"):
+            raise ConfigError("trainer.sync_batchnorm", "every stage runs every batch whole: there is no global "
+                              "batch to synchronise over", "false")
+        if (kwargs.get("num_nodes") or 1) != 1:
+            raise ConfigError("trainer.num_nodes", "trainer=pipeline runs on one node", "1")
+        if kwargs.get("strategy") in (None, "auto"):
+            kwargs["strategy"] = PipelineStrategy(depth=pipeline_depth, stage_boundaries=stage_boundaries,
+                                                  process_group_backend=process_group_backend, timeout=timeout)
+        kwargs["use_distributed_sampler"] = False  # every stage walks the whole data set
+        # epoch-level values are the same on every stage (loss sums and weights are gathered): no sync_dist needed
+        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+        self.stages = devices
+        self.requested_boundaries = stage_boundaries
+        super().__init__(*args, **kwargs)
+
+    def fit(self, model, *args: Any, **kwargs: Any):
+        check_pipelinable(model, self.stages, self.requested_boundaries)
+        return super().fit(model, *args, **kwargs)
