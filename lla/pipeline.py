@@ -24,8 +24,8 @@ model, validation runs on the full backbone, and the checkpoint rank 0 writes is
 single-process resume load it unchanged).
 
 MAN: module k's EMA copy follows the first block of module k+1. Where that block is on the next stage, the next stage
-sends the block's weights back after each of its batches, and the EMA update of batch t reads the weights of the end
-of batch ``t - 1 - depth`` (instead of t-1): a fixed delay of ``depth`` steps (:class:`WeightsBack`).
+sends the block's weights back after each of its steps, and the EMA update of step t reads the weights after step
+``t - 1 - depth`` (one process: after step t-1): a fixed delay of ``depth`` steps (:class:`WeightsBack`).
 """
 
 from __future__ import annotations
@@ -285,12 +285,19 @@ class PipelineStage:
         self.wait_s = 0.0  # time spent waiting on the transport (receives and send completions)
         self.batches = 0
         self.started: float | None = None  # first batch's start, last batch's end (busy fraction)
+        self.weights_back: WeightsBack | None = None  # MAN: B_next's weights back to the previous stage
+        self.last_stepped = False  # whether the previous batch stepped the modules
+        self.steps = 0
         self.ended: float | None = None
 
     # -- the engine's hooks -------------------------------------------------------------------------------------
     def receive(self, model, batch, batch_idx: int, steps: bool):
         """(the batch for this stage's losses, its modules' input): stage 0's own batch, or stage s-1's message."""
         more = self._continues(model, batch_idx, steps)
+        if self.weights_back is not None and self.last_stepped:
+            self.weights_back.send()  # B_next after the previous batch's step, to the previous stage
+        self.last_stepped = steps
+        self.steps += int(steps)
         if self.started is None:
             self.started = time.perf_counter()
         if self.prev is None:
@@ -471,6 +478,11 @@ class PipelineStrategy(LocalDDPStrategy):
         later = range(stage_modules(firsts, K, s).stop, K)
         self.pipeline_stage = PipelineStage(s, N, firsts, K, self.depth, self.root_device, self._p2p_group,
                                             send_x=any(needs_x[k] for k in later))
+        if hasattr(model, "next_block_index") and hasattr(model, "remote_block"):  # MAN: B_next on the next stage
+            self._back_group = dist.new_group(backend=backend)
+            self.man_links = WeightsBack(model, firsts, s, self.depth, self.depth, self._back_group)
+            self.pipeline_stage.weights_back = self.man_links
+            model.remote_block = self.man_links
         if s == 0:
             log.info("lla: pipeline of %d stages, first modules %s%s", N, firsts,
                      f" (balanced from measured module times {[round(c * 1e3, 2) for c in costs]} ms)"
@@ -518,7 +530,9 @@ class PipelineStrategy(LocalDDPStrategy):
             self.stage_stats = {"wait_s": stage.wait_s, "batches": stage.batches, "train_s": span,
                                 "busy_fraction": None if not span else max(0.0, 1.0 - stage.wait_s / span)}
         if self.man_links is not None:
-            self.man_links.finish()
+            if stage is not None and stage.last_stepped:
+                self.man_links.send()  # the weights after the last step
+            self.man_links.finish(stage.steps if stage is not None else 0)
         self.gather_state()  # after the fit every process holds the trained full model
 
     def end_epoch(self, model) -> None:
@@ -549,6 +563,8 @@ class PipelineStrategy(LocalDDPStrategy):
 
     def teardown(self) -> None:
         self.pipeline_stage = None
+        if self.man_links is not None and self.lightning_module is not None:
+            self.lightning_module.remote_block = None
         self.man_links = None
         for group in (self._p2p_group, self._back_group):
             if group is not None:
@@ -562,93 +578,80 @@ class PipelineStrategy(LocalDDPStrategy):
 
 # ---------------------------------------------------------------------------------------------------- MAN
 class WeightsBack:
-    """MAN across a stage boundary: stage s+1 sends B_next's (its first block's) weights back to stage s after
-    every batch; stage s's EMA update of batch t uses the weights of the end of batch ``t - 1 - delay``
-    (``delay`` = the pipeline depth), and the initial weights while ``t - 1 - delay < 0``. A fixed delay, the same
-    in every run (single-process training has delay 0)."""
+    """MAN across a stage boundary (docs/pipeline.md#man). Module k's EMA copy follows B_next, the first block of
+    module k+1; where k is the last module of stage s, B_next trains on stage s+1. Stage s+1 sends B_next's weights
+    back after each of its steps (message j = the weights after step j); stage s's u-th EMA update reads message
+    ``u - 1 - delay``, or the initial weights while that is < 0. One process reads the weights after step u-1 (delay 0);
+    here ``delay`` = the pipeline depth, fixed, so the run is deterministic and the same in every run.
 
-    def __init__(self, model, firsts: Sequence[int], stage: int, delay: int, group):
+    One receive is kept posted ahead; a sender keeps at most ``delay + depth + 2`` sends in flight."""
+
+    def __init__(self, model, firsts: Sequence[int], stage: int, delay: int, depth: int, group):
+        import copy
+
         K = model.num_modules
-        self.group, self.delay = group, int(delay)
         mods = stage_modules(firsts, K, stage)
-        self.model = model
-        # stage s: its last module k reads B_next on stage s+1 (if k < K-1); stage s+1 sends its first block back
-        self.reader_k = mods.stop - 1 if mods.stop < K else None
-        self.sends = stage > 0  # stage > 0 sends its first block to stage - 1
-        self.stage = stage
-        self.block = model.backbone.layers[model.module_layers(mods.start)[0]] if self.sends else None
-        self.remote = model.backbone.layers[model.next_block_index(self.reader_k)] if self.reader_k is not None else None
-        self.copy = None
-        if self.remote is not None:  # the stale copy the EMA reads: starts as the initial weights
-            import copy
-
-            self.copy = copy.deepcopy(self.remote)
-        self._recv: deque = deque()  # posted receives, oldest first: (batch index, buffers, works)
+        self.group, self.delay, self.stage = group, int(delay), stage
+        self.reader_k = mods.stop - 1 if mods.stop < K else None  # this stage's last module reads a remote B_next
+        self.copy = copy.deepcopy(model.backbone.layers[model.next_block_index(self.reader_k)]) \
+            if self.reader_k is not None else None  # the delayed B_next the EMA reads; starts at the initial weights
+        self.block = model.backbone.layers[model.module_layers(mods.start)[0]] if stage > 0 else None
+        self.max_sends = self.delay + int(depth) + 2
         self._sends: deque = deque()
-        self._t_read = 0  # batches whose EMA update happened on this stage
-        self._t_sent = 0
+        self._posted: tuple[int, list[Tensor], list] | None = None
+        self.updates = 0  # EMA updates done (reader)
+        self.consumed = 0  # messages received (reader)
+        self.sent = 0  # messages sent (sender)
 
-    def target(self, k: int) -> nn.Module | None:
-        """The module MAN's EMA of module k follows: this stage's delayed copy where B_next is remote."""
-        if k != self.reader_k or self.copy is None:
+    # reader: MAN's after_backward asks for the block its EMA follows
+    def __call__(self, k: int) -> nn.Module | None:
+        if k != self.reader_k:
             return None
-        t = self._t_read
-        self._t_read += 1
-        want = t - 1 - self.delay  # weights after the step of batch `want`
+        want = self.updates - 1 - self.delay
+        self.updates += 1
         if want >= 0:
-            self._apply(want)
-        self._post(want + 1)  # keep receives ahead
+            bufs = self._receive(want)
+            with torch.no_grad():
+                for p, new in zip(self.copy.parameters(), bufs):
+                    p.copy_(new)
+            self._posted = self._post(want + 1)
         return self.copy
 
-    def _params(self, module: nn.Module) -> list[Tensor]:
-        return [p.data for p in module.parameters()]
+    def _post(self, j: int):
+        bufs = [torch.empty_like(p) for p in self.copy.parameters()]
+        return j, bufs, [dist.irecv(t, src=self.stage + 1, group=self.group) for t in bufs]
 
-    def _post(self, upto: int) -> None:
-        posted = self._recv[-1][0] if self._recv else self._t_posted_last()
-        for b in range(posted + 1, upto + self.delay + 1):
-            bufs = [torch.empty_like(p) for p in self._params(self.copy)]
-            works = [dist.irecv(t, src=self.stage + 1, group=self.group) for t in bufs]
-            self._recv.append((b, bufs, works))
-            self._last_posted = b
+    def _receive(self, j: int) -> list[Tensor]:
+        if self._posted is None:
+            self._posted = self._post(j)
+        index, bufs, works = self._posted
+        assert index == j == self.consumed, (index, j, self.consumed)
+        for w in works:
+            w.wait()
+        self._posted = None
+        self.consumed += 1
+        return bufs
 
-    def _t_posted_last(self) -> int:
-        return getattr(self, "_last_posted", -1)
-
-    def _apply(self, want: int) -> None:
-        if not self._recv or self._recv[0][0] > want:
-            self._post(want)
-        while self._recv and self._recv[0][0] <= want:
-            b, bufs, works = self._recv.popleft()
-            for w in works:
-                w.wait()
-            if b == want:
-                with torch.no_grad():
-                    for p, new in zip(self._params(self.copy), bufs):
-                        p.copy_(new)
-
-    def after_batch(self) -> None:
-        """Stage > 0, after its modules stepped: send the first block's weights back."""
-        if not self.sends:
+    # sender: after each step of its modules
+    def send(self) -> None:
+        if self.block is None:
             return
-        while len(self._sends) > self.delay + 1:
+        while len(self._sends) >= self.max_sends:
             for w in self._sends.popleft()[1]:
                 w.wait()
-        bufs = [p.detach().clone() for p in self._params(self.block)]
+        bufs = [p.detach().clone() for p in self.block.parameters()]
         self._sends.append((bufs, [dist.isend(t, dst=self.stage - 1, group=self.group) for t in bufs]))
-        self._t_sent += 1
+        self.sent += 1
 
-    def finish(self) -> None:
-        """End of the fit: the sender pads with copies for the receives still posted; both wait for everything."""
-        # The reader posts receives up to batch (reads + delay); the sender sent one per batch it ran.
-        if self.sends:
-            pass
+    def finish(self, steps_done: int) -> None:
+        """End of the fit: the reader takes (and drops) the messages it did not need; both wait for what is in
+        flight. ``steps_done``: the steps of this fit, the same on every stage."""
+        if self.copy is not None:
+            while self.consumed < steps_done:
+                self._receive(self.consumed)
         while self._sends:
             for w in self._sends.popleft()[1]:
                 w.wait()
-
-
-__all__ = ["PipelineStrategy", "PipelineStage", "balance", "check_boundaries", "check_pipelinable",
-           "measure_module_costs", "stage_modules", "stage_tensors"]
 
 
 # ---------------------------------------------------------------------------------------------------- trainer

@@ -32,6 +32,9 @@ METHODS = {  # resnet20, 4 modules (AugLocal: K=8 -> 6 single-layer modules)
     "auglocal": ("lla.methods.auglocal", "AugLocal", 8, {}),  # 6 single-layer modules (K - d)
 }
 BOUNDS = {2: [0, 2], 3: [0, 1, 3]}
+DEPTH = 2  # pipeline depth = MAN's EMA delay in steps across a stage boundary (docs/pipeline.md#man)
+MAN = ("lla.methods.man", "MAN", 4, {"base": "dgl"})
+LEARN_STEPS = 40
 
 
 def denormalize(x):
@@ -39,7 +42,7 @@ def denormalize(x):
 
 
 def build(method: str, seed: int = 0):
-    mod, cls_name, k, kwargs = METHODS[method]
+    mod, cls_name, k, kwargs = MAN if method == "man" else METHODS[method]
     cls = getattr(importlib.import_module(mod), cls_name)
     torch.manual_seed(seed)
     return cls(build_backbone("resnet20", 10), k=k, num_classes=10, image_size=SIZE, optim=OPTIM,
@@ -53,6 +56,17 @@ def loader():
     return DataLoader(data, batch_size=BS, shuffle=False)
 
 
+def learnable_loader():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    n = 16 * LEARN_STEPS
+    y = torch.randint(0, 10, (n,), generator=g)
+    templates = F.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=SIZE, mode="bilinear")
+    x = templates[y] + 0.3 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
 def trainer(**kw):
     args = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=EPOCHS,
@@ -61,13 +75,27 @@ def trainer(**kw):
     return L.Trainer(**args)
 
 
+class LossProbe(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
 def _worker(rank: int, world: int, out: str, bounds: list[int]) -> None:
     torch.set_num_threads(1)
     results = {}
-    for name in METHODS:
+    names = list(METHODS) + (["man"] if world == 2 else [])
+    for name in names:
         model = build(name, seed=100 + rank)  # rank 1's own init must be replaced by rank 0's at setup
-        trainer(devices=world, strategy=PipelineStrategy(stage_boundaries=bounds, depth=2)).fit(model, loader())
+        trainer(devices=world, strategy=PipelineStrategy(stage_boundaries=bounds, depth=DEPTH)).fit(model, loader())
         results[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    if world == 2:  # MAN with its delayed EMA still learns: a learnable problem, the last stage's loss falls
+        model, probe = build("man", seed=100 + rank), LossProbe()
+        trainer(devices=world, strategy=PipelineStrategy(stage_boundaries=bounds, depth=DEPTH), callbacks=[probe],
+                max_epochs=1, precision="32-true").fit(model, learnable_loader())
+        results["man_learn"] = probe.losses
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -152,3 +180,56 @@ def test_what_cannot_be_pipelined_is_refused():
         check_pipelinable(build("dgl"), 5)
     with pytest.raises(ConfigError, match="^method: trainer=pipeline cannot run MLAAN"):
         check_pipelinable(MLAAN(build_backbone("resnet20", 10), k=4, image_size=SIZE, denormalize=denormalize), 2)
+
+
+# ---------------------------------------------------------------------------------------------------- MAN
+def delayed_man(delay: int, boundary_k: int):
+    """One process, MAN whose module ``boundary_k`` reads B_next as it was ``delay`` steps earlier than usual (the
+    weights after step u-1-delay at update u; the initial weights before that): what docs/pipeline.md#man states for
+    the pipeline."""
+    from lla.ema import ema_update
+    from lla.methods.man import MAN as ManCls
+
+    class DelayedMAN(ManCls):
+        def on_train_batch_start(self, batch, batch_idx):
+            block = self.backbone.layers[self.next_block_index(boundary_k)]
+            self.history.append([p.detach().clone() for p in block.parameters()])  # = after step u-1
+
+        def after_backward(self, k):
+            if k != boundary_k:
+                return super().after_backward(k)
+            u = len(self.history) - 1
+            snapshot = self.history[max(0, u - delay)]
+            block = copy.deepcopy(self.backbone.layers[self.next_block_index(k)])
+            with torch.no_grad():
+                for p, v in zip(block.parameters(), snapshot):
+                    p.copy_(v)
+            ema_update(self.aux[k].ema, block, self.ema_momentum)
+
+    import copy
+
+    torch.manual_seed(100)
+    model = DelayedMAN(build_backbone("resnet20", 10), k=4, num_classes=10, image_size=SIZE, optim=OPTIM,
+                       max_epochs=EPOCHS, denormalize=denormalize, base="dgl")
+    model.history = []
+    trainer(devices=1).fit(model, loader())
+    return model.state_dict()
+
+
+def test_man_ema_across_a_stage_boundary_is_exactly_depth_steps_stale(two):
+    """Pipelined MAN equals a single process whose boundary EMA reads B_next DEPTH steps late, and differs from
+    plain single-process MAN (so the delay is real, and exactly the stated one: DEPTH - 1 or DEPTH + 1 would not
+    match)."""
+    boundary_k = BOUNDS[2][1] - 1
+    for rank in range(2):
+        assert_equal_states(two[rank]["man"], delayed_man(DEPTH, boundary_k), f"man, rank {rank}")
+    for wrong in (0, DEPTH - 1, DEPTH + 1):
+        other = delayed_man(wrong, boundary_k)
+        assert any(not torch.allclose(two[0]["man"][k], other[k], atol=1e-12) for k in other), wrong
+
+
+def test_man_still_learns_in_a_pipeline(two):
+    losses = two[1]["man_learn"]  # the last stage's loss: the classifier's cross-entropy
+    assert len(losses) == LEARN_STEPS
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
