@@ -423,6 +423,8 @@ class PipelineStrategy(LocalDDPStrategy):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ConfigError("trainer.pipeline_depth", f"must be an integer >= 1, got {depth!r}", ">= 1 (default 2)")
         self.depth = depth
+        # epoch-level values are the same on every stage (loss sums and weights are gathered): no sync_dist needed
+        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
         self.requested_boundaries = None if stage_boundaries is None else list(stage_boundaries)
         self.boundaries: list[int] | None = None
         self.module_costs: list[float] | None = None
@@ -534,6 +536,30 @@ class PipelineStrategy(LocalDDPStrategy):
                 self.man_links.send()  # the weights after the last step
             self.man_links.finish(stage.steps if stage is not None else 0)
         self.gather_state()  # after the fit every process holds the trained full model
+
+    @property
+    def agree_lag(self) -> int:
+        """Batches between the launch and the read of a stop round (lla.checkpointing.Preemption). Stage s runs up
+        to about ``s + depth`` batches ahead of the last stage; a round read one batch later would hold stage 0
+        back to the last stage's pace. Read ``N + depth`` batches later, it never waits; every stage still stops
+        after the same batch."""
+        return self.world_size + self.depth
+
+    def on_exception(self, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):  # every stage stopped after the same batch
+            stage = self.pipeline_stage
+            try:
+                if stage is not None:
+                    stage.finish()
+                if self.man_links is not None and stage is not None:
+                    if stage.last_stepped:
+                        self.man_links.send()
+                    self.man_links.finish(stage.steps)
+            except Exception as err:  # a stop must not turn into a crash; the processes end anyway
+                log.warning("lla: pipeline stage %s: transfers still in flight at the stop: %s", self.global_rank, err)
+        super().on_exception(exception)
 
     def end_epoch(self, model) -> None:
         """The engine's epoch end: sends done, every stage's loss sums on every rank (rank 0 logs them)."""
@@ -686,8 +712,6 @@ class PipelineTrainer(_lightning_trainer()):
             kwargs["strategy"] = PipelineStrategy(depth=pipeline_depth, stage_boundaries=stage_boundaries,
                                                   process_group_backend=process_group_backend, timeout=timeout)
         kwargs["use_distributed_sampler"] = False  # every stage walks the whole data set
-        # epoch-level values are the same on every stage (loss sums and weights are gathered): no sync_dist needed
-        warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
         self.stages = devices
         self.requested_boundaries = stage_boundaries
         super().__init__(*args, **kwargs)

@@ -233,3 +233,47 @@ def test_man_still_learns_in_a_pipeline(two):
     assert len(losses) == LEARN_STEPS
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
+
+
+# ---------------------------------------------------------------------------------------------------- preemption
+def _signal_worker(rank: int, world: int, out: str, signal_rank: int, at_step: int) -> None:
+    import json
+    import os
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lla.checkpointing import Preemption
+
+    class SignalAt(L.Callback):  # a signal arriving while batch `at_step` trains, on one stage only
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == signal_rank and trainer.global_step == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    torch.set_num_threads(1)
+    model = build("dgl")
+    data = TensorDataset(torch.randn(40 * 4, 3, SIZE, SIZE), torch.randint(0, 10, (40 * 4,)))
+    preemption = Preemption()
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=PipelineStrategy(stage_boundaries=[0, 2]),
+                        max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[SignalAt(), preemption])
+    try:
+        trainer.fit(model, DataLoader(data, batch_size=4))
+        stopped = None
+    except SIGTERMException:
+        stopped = preemption.stopped_by
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"step": trainer.global_step, "stopped": stopped,
+                                                          "lag": trainer.strategy.agree_lag}))
+
+
+@pytest.mark.parametrize("signal_rank", [0, 1])
+def test_every_stage_stops_after_the_same_batch(tmp_path, signal_rank):
+    """A signal during batch 5 on one stage: the stop round launched at that batch's end is read N + depth batches
+    later (so stage 0 is never held back to the last stage's pace), and both stages stop after that same batch;
+    the transfers still in flight are matched, so nothing hangs."""
+    import json
+
+    spawn(_signal_worker, 2, (str(tmp_path), signal_rank, 5), timeout_s=120, threads=1)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    lag = 2 + DEPTH
+    assert results == [{"step": 6 + lag, "stopped": "preempted", "lag": lag}] * 2
