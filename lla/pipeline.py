@@ -307,9 +307,9 @@ class PipelineStage:
             return batch, batch[0]
         t0 = time.perf_counter()
         if self._meta is None:
-            header = torch.zeros(_HEADER, dtype=torch.int64)
+            header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)  # NCCL: a device tensor
             dist.recv(header, src=self.prev, group=self.group)
-            self._meta = _decode(header)
+            self._meta = _decode(header.cpu())  # once per fit
         if self._posted is None or self._posted[0] != batch_idx:
             self._posted = self._post(batch_idx, self._size(batch, batch_idx))
         _, (h, y, x), works = self._posted
@@ -334,8 +334,7 @@ class PipelineStage:
         tensors = [h.detach().contiguous(), batch[1].contiguous(), None if x is None else x.contiguous()]
         t0 = time.perf_counter()
         if not self._header_sent:
-            dist.send(_encode(tensors).to(self.device if self.device.type != "cpu" else "cpu"), dst=self.next,
-                      group=self.group)
+            dist.send(_encode(tensors).to(self.device), dst=self.next, group=self.group)
             self._header_sent = True
         while len(self._sends) >= self.depth:
             for w in self._sends.popleft()[1]:
@@ -565,12 +564,9 @@ class PipelineStrategy(LocalDDPStrategy):
         """The engine's epoch end: sends done, every stage's loss sums on every rank (rank 0 logs them)."""
         if self.pipeline_stage is not None:
             self.pipeline_stage.drain()
-            opt = None
             for s in range(self.world_size):
-                tensors = [model._loss_sum[stage_modules(self.boundaries, model.num_modules, s).start:
-                                           stage_modules(self.boundaries, model.num_modules, s).stop]]
-                broadcast_tensors(tensors, src=s)
-            del opt
+                mods = stage_modules(self.boundaries, model.num_modules, s)
+                broadcast_tensors([model._loss_sum[mods.start:mods.stop]], src=s)
 
     def run_record(self) -> dict[str, Any]:
         """What results.json records about the pipeline (rank 0 calls it after the fit; every stage joins)."""
