@@ -134,6 +134,7 @@ def assert_equal_states(got: dict, want: dict, what: str) -> None:
         assert diff <= 1e-12, f"{what}: {key} differs by {diff:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize("world", [2, 3])
 def test_pipeline_weights_equal_one_process(two, three, references, name, world):
@@ -216,6 +217,7 @@ def delayed_man(delay: int, boundary_k: int):
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_man_ema_across_a_stage_boundary_is_exactly_depth_steps_stale(two):
     """Pipelined MAN equals a single process whose boundary EMA reads B_next DEPTH steps late, and differs from
     plain single-process MAN (so the delay is real, and exactly the stated one: DEPTH - 1 or DEPTH + 1 would not
@@ -228,6 +230,7 @@ def test_man_ema_across_a_stage_boundary_is_exactly_depth_steps_stale(two):
         assert any(not torch.allclose(two[0]["man"][k], other[k], atol=1e-12) for k in other), wrong
 
 
+@pytest.mark.slow
 def test_man_still_learns_in_a_pipeline(two):
     losses = two[1]["man_learn"]  # the last stage's loss: the classifier's cross-entropy
     assert len(losses) == LEARN_STEPS
@@ -266,9 +269,9 @@ def _signal_worker(rank: int, world: int, out: str, signal_rank: int, at_step: i
                                                           "lag": trainer.strategy.agree_lag}))
 
 
-@pytest.mark.parametrize("signal_rank", [0, 1])
-def test_every_stage_stops_after_the_same_batch(tmp_path, signal_rank):
-    """A signal during batch 5 on one stage: the stop round launched at that batch's end is read N + depth batches
+@pytest.mark.slow
+def test_every_stage_stops_after_the_same_batch(tmp_path, signal_rank=1):
+    """A signal during batch 5 on the last stage: the stop round launched at that batch's end is read N + depth batches
     later (so stage 0 is never held back to the last stage's pace), and both stages stop after that same batch;
     the transfers still in flight are matched, so nothing hangs."""
     import json
