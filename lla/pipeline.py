@@ -163,9 +163,10 @@ def stage_tensors(model, modules: range, optimizer=None) -> list[Tensor]:
     return out
 
 
-def measure_module_costs(model, batch_size: int, steps: int = 3) -> list[float]:
-    """Seconds of forward + local loss + backward of each module on a random batch (median of ``steps``). The
-    model's weights and BN statistics are restored afterwards and its gradients dropped."""
+def measure_module_costs(model, batch_size: int, steps: int = 5) -> list[float]:
+    """Seconds of forward + local loss + backward of each module on a random batch: the fastest of ``steps`` passes
+    (the least disturbed by other work on a shared machine). The model's weights and BN statistics are restored
+    afterwards and its gradients dropped."""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     probe = model
     was_training = probe.training
@@ -197,7 +198,7 @@ def measure_module_costs(model, batch_size: int, steps: int = 3) -> list[float]:
     with torch.no_grad():
         model.load_state_dict(saved)
     model.train(was_training)
-    return [sorted(t)[len(t) // 2] for t in times]
+    return [min(t) for t in times]
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -26,9 +26,11 @@ from lla.errors import ConfigError
 class _Stamps(L.Callback):
     def __init__(self):
         self.ends: list[float] = []
+        self.cpu: list[float] = []  # this process's CPU time (all its threads) at each batch end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
 def _worker(rank: int, world: int, spec: dict, out: str) -> None:
@@ -58,11 +60,17 @@ def _worker(rank: int, world: int, spec: dict, out: str) -> None:
     ends = stamps.ends
     w = spec["warmup"]
     images_per_s = spec["batch_size"] * (len(ends) - w) / (ends[-1] - ends[w - 1]) if len(ends) > w else None
-    record: dict[str, Any] = {"rank": rank, "images_per_s": images_per_s, "peak_activation_mb": act.peak_mb,
+    cpu_ms = 1e3 * (stamps.cpu[-1] - stamps.cpu[w - 1]) / (len(ends) - w) if len(ends) > w else None
+    wall_ms = 1e3 * (ends[-1] - ends[w - 1]) / (len(ends) - w) if len(ends) > w else None
+    record: dict[str, Any] = {"rank": rank, "images_per_s": images_per_s, "cpu_ms_per_batch": cpu_ms,
+                              "wall_ms_per_batch": wall_ms, "peak_activation_mb": act.peak_mb,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if world > 1:
         stats = trainer.strategy.stage_stats or {}
-        record.update(busy_fraction=stats.get("busy_fraction"), wait_s=stats.get("wait_s"),
+        busy_ms = None
+        if stats.get("train_s") and stats.get("batches"):
+            busy_ms = 1e3 * (stats["train_s"] - stats["wait_s"]) / stats["batches"]
+        record.update(busy_fraction=stats.get("busy_fraction"), wait_s=stats.get("wait_s"), busy_ms_per_batch=busy_ms,
                       boundaries=trainer.strategy.boundaries, modules=model.num_modules,
                       module_costs_ms=[c * 1e3 for c in trainer.strategy.module_costs or []])
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
@@ -91,7 +99,15 @@ def measure_pipeline(stages: int = 2, method: str = "dgl", backbone: str = "resn
             "stage_boundaries": pipe[0].get("boundaries"), "module_costs_ms": pipe[0].get("module_costs_ms"),
             "single_images_per_s": single["images_per_s"], "pipeline_images_per_s": throughput,
             "speedup": throughput / single["images_per_s"] if throughput and single["images_per_s"] else None,
+            # CPU seconds per batch: the speed-up the stages would reach with a core each to themselves (on a shared
+            # machine the wall-clock figures measure the other jobs too)
+            "cpu_speedup": (single["cpu_ms_per_batch"] / max(r["cpu_ms_per_batch"] for r in pipe))
+            if single["cpu_ms_per_batch"] and all(r["cpu_ms_per_batch"] for r in pipe) else None,
             "stage_busy_fraction": [r.get("busy_fraction") for r in pipe],
+            "stage_busy_ms_per_batch": [r.get("busy_ms_per_batch") for r in pipe],
+            "single_cpu_ms_per_batch": single["cpu_ms_per_batch"], "single_wall_ms_per_batch": single["wall_ms_per_batch"],
+            "stage_cpu_ms_per_batch": [r["cpu_ms_per_batch"] for r in pipe],
+            "stage_wall_ms_per_batch": [r["wall_ms_per_batch"] for r in pipe],
             "single_peak_activation_mb": single["peak_activation_mb"],
             "stage_peak_activation_mb": [r["peak_activation_mb"] for r in pipe],
             "single_peak_rss_mb": single["peak_rss_mb"], "stage_peak_rss_mb": [r["peak_rss_mb"] for r in pipe]}
@@ -102,14 +118,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "n/a" if v is None else format(v, spec)
 
     lines = ["| config | stages x threads | boundaries | 1 process img/s | pipeline img/s | speed-up | busy per stage "
-             "| activations MB (1 proc / per stage) | peak RSS MB (1 proc / per stage) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| CPU ms/batch (1 proc / per stage) | CPU speed-up | activations MB (1 proc / per stage) "
+             "| peak RSS MB (1 proc / per stage) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['backbone']} {r['method']} K={r['k']} batch {r['batch_size']} | {r['stages']} x "
             f"{r['threads_per_process']} | {r['stage_boundaries']} | {fmt(r['single_images_per_s'], '.1f')} | "
             f"{fmt(r['pipeline_images_per_s'], '.1f')} | {fmt(r['speedup'])}x | "
-            f"{' / '.join(fmt(b) for b in r['stage_busy_fraction'])} | {fmt(r['single_peak_activation_mb'], '.1f')} / "
+            f"{' / '.join(fmt(b) for b in r['stage_busy_fraction'])} | {fmt(r['single_cpu_ms_per_batch'], '.0f')} / "
+            f"{' / '.join(fmt(c, '.0f') for c in r['stage_cpu_ms_per_batch'])} | {fmt(r['cpu_speedup'])}x | "
+            f"{fmt(r['single_peak_activation_mb'], '.1f')} / "
             f"{' / '.join(fmt(m, '.1f') for m in r['stage_peak_activation_mb'])} | "
             f"{fmt(r['single_peak_rss_mb'], '.0f')} / {' / '.join(fmt(m, '.0f') for m in r['stage_peak_rss_mb'])} |")
     return "\n".join(lines) + "\n"
@@ -124,6 +143,9 @@ def write(rows: list[dict[str, Any]], json_path: str | None, md_path: str | None
         Path(md_path).write_text("# Module-parallel training (lla-bench --pipeline)\n\n"
                                  "Images/s where the images leave the pipeline (the last stage), after the warm-up; "
                                  "busy = share of a stage's training time not spent waiting on the transport. "
+                                 "CPU ms/batch: each process's CPU time per batch after the warm-up; CPU speed-up = "
+                                 "one process's / the busiest stage's, the speed-up with a core per stage to itself "
+                                 "(on a shared machine the wall-clock figures also measure the other jobs). "
                                  "Activations: peak saved-for-backward bytes (lla.memory).\n\n" + markdown(rows))
 
 
