@@ -36,6 +36,8 @@ bench: install
 		--json bench/interleaved_lean.json --markdown bench/interleaved_lean.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --channels-last --json bench/interleaved_cl.json \
 		--markdown bench/interleaved_cl.md
+	$(PY) -m lla.bench.cli --pipeline 2 --threads 1 --methods dgl,infopro --backbone resnet32 --k 16 --batch-size 64 \
+		--steps 10 --warmup 3 --json bench/pipeline.json --markdown bench/pipeline.md
 
 # The documentation site (mkdocs + Material + mkdocstrings) into site/; --strict fails on a broken link or page.
 docs: install

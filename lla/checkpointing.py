@@ -470,7 +470,8 @@ class Preemption(L.Callback):
         self._previous: dict[int, Any] = {}
         self._installed = False
         self._group = None
-        self._pending: tuple[torch.Tensor, Any] | None = None
+        self._pending: list[tuple[torch.Tensor, Any]] = []  # launched rounds, oldest first
+        self._lag = 1  # batches between a round's launch and its read (trainer=pipeline: more, lla.pipeline)
 
     # -- signal handlers ------------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -515,7 +516,8 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._install(trainer)
-        self._pending = None
+        self._pending = []
+        self._lag = max(1, int(getattr(trainer.strategy, "agree_lag", 1)))
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             # CPU tensors on their own group: never queued behind (or paired with) the gradient all-reduces
             self._group = torch.distributed.new_group(backend="gloo")
@@ -533,25 +535,24 @@ class Preemption(L.Callback):
         if self._group is None:
             return self._code
         agreed = 0
-        if self._pending is not None:
-            flags, work = self._pending
-            work.wait()  # launched a whole batch ago: done by now; a CPU tensor, so no device sync
+        if len(self._pending) >= self._lag:
+            flags, work = self._pending.pop(0)
+            work.wait()  # launched `lag` whole batches ago: done by now; a CPU tensor, so no device sync
             agreed = int(flags[0])
-            self._pending = None
         if not agreed:
             flags = torch.tensor([self._code], dtype=torch.int32)
             work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group,
                                                 async_op=True)
-            self._pending = (flags, work)
+            self._pending.append((flags, work))
         return agreed
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._pending is not None:  # every rank launched the same rounds: the last one completes on all
-            self._pending[1].wait()
-            self._pending = None
+        for _, work in self._pending:  # every rank launched the same rounds: they complete on all
+            work.wait()
+        self._pending = []
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._pending = None  # a failed peer may never join it: do not wait
+        self._pending = []  # a failed peer may never join it: do not wait
         # back to the handlers from before the fit, except that after a Ctrl-C a second one still quits at once
         self.restore(keep_sigint_default=self._code >= self.INTERRUPT)
         self._drop_group()

@@ -145,6 +145,8 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
                               gradient_clip_val=None, gradient_clip_algorithm=None)  # done per module (build)
     except Exception as err:  # e.g. trainer.precision=17, or trainer=gpu on a machine without one
         cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):  # a trainer class's own one-line error (trainer=pipeline)
+            raise cause from None
         raise ConfigError("trainer", f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}",
                           "see conf/trainer/*.yaml and Lightning's Trainer arguments") from None
 
@@ -167,6 +169,10 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     # every rank's figures (a collective: only when every rank finished fit, so none is missing)
     per_rank = gather_ranks(mine) if status == "completed" else None
     figures = combine_ranks(per_rank) if per_rank else mine
+    record = getattr(trainer.strategy, "run_record", None)  # trainer=pipeline: stages, boundaries, waits (a collective)
+    pipeline = record() if record is not None and status == "completed" else None
+    if pipeline and per_rank and all(v is not None for v in per_rank["images_per_s"]):
+        figures["images_per_s"] = min(per_rank["images_per_s"])  # every stage sees every image: the slowest one's
     result = {
         "status": status,  # completed | preempted | diverged (NaN/inf loss) | interrupted | failed
         "error": None if stop is None or status in ("preempted", "interrupted") else str(stop),
@@ -185,6 +191,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         "step_time_s": figures["step_time_s"],  # the slowest rank's median step
         "images_per_s": figures["images_per_s"],  # summed over ranks
         "per_rank": per_rank,  # {figure: [rank 0, rank 1, ...]} under DDP, else null
+        "pipeline": pipeline,  # trainer=pipeline: stage boundaries, module times, per-stage waits; else null
         "train_time_s": time.time() - t0,
         "overrides": overrides,
         "git_commit": git_commit(),

@@ -119,6 +119,7 @@ class LocalLearner(L.LightningModule):
         self.step_inputs: deque[Tensor] = deque(maxlen=self._max_span)
         self.channels_last = False
         self._sync: tuple[Any, bool] | None = None  # (gradient sync, overlaps?), looked up once per fit
+        self._pipe = None  # trainer=pipeline: this process's stage (lla.pipeline.PipelineStage), looked up per fit
         self.configure_module_steps()
 
     # ------------------------------------------------------------------ structure
@@ -267,12 +268,18 @@ class LocalLearner(L.LightningModule):
         losses: list[Tensor] = []
         self.step_inputs.clear()
         h = x
+        modules = range(self.num_modules)
+        if self._pipe is not None:  # trainer=pipeline: this stage's modules, on the previous stage's output
+            batch, h = self._pipe.receive(self, batch, batch_idx, steps)
+            modules = self._pipe.modules
         in_flight: list[int] = []  # modules whose gradient sync is launched; they step after the next loss
-        for k in range(self.num_modules):
+        for k in modules:
             inp = h.detach()
             if self._max_span > 1:
                 self.step_inputs.append(inp)
             h = self.forward_module(k, inp)  # overlaps the gradient sync in flight
+            if self._pipe is not None and k == modules[-1]:
+                self._pipe.send(h, batch)  # the next stage starts while this one back-propagates
             loss = self.final_loss(h, batch) if k == self.num_modules - 1 else self.local_loss(k, h, batch)
             self.backward_local(k, loss)
             self._step_modules(in_flight, sync, modules_opt)  # ready at loss k-1: loss k never reaches them
@@ -293,7 +300,7 @@ class LocalLearner(L.LightningModule):
             self._window_batches = 0
             opt.step()  # ticks global_step once per (accumulated) batch; every module has already stepped
         stacked = torch.stack(losses)
-        self._loss_sum += stacked.float()
+        self._loss_sum[modules.start:modules.stop] += stacked.float()
         self._loss_batches += 1
         # not prog_bar: Lightning turns progress-bar metrics into floats after every batch (a host sync per step);
         # the progress bar reads train/loss itself, once per refresh (lla.callbacks.LossProgressBar)
@@ -348,6 +355,7 @@ class LocalLearner(L.LightningModule):
 
         self._sync = None
         self._sync_schedule()
+        self._pipe = getattr(self.trainer.strategy, "pipeline_stage", None)
         self._window_batches = 0
 
         if isinstance(self.trainer.strategy.model, DistributedDataParallel):
@@ -364,6 +372,8 @@ class LocalLearner(L.LightningModule):
         self._loss_batches = 0
 
     def on_train_epoch_end(self) -> None:
+        if self._pipe is not None:  # every stage's loss sums on every rank (rank 0 logs)
+            self.trainer.strategy.end_epoch(self)
         if self._loss_batches:
             means = (self._loss_sum / self._loss_batches).tolist()  # one host sync per epoch
             for k, v in enumerate(means):

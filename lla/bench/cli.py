@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the saved tensors alive at each row's activation peak, by shape")
     p.add_argument("--ddp", type=int, default=0, metavar="N",
                    help="instead of the memory suite: DDP step-time overhead of N CPU processes (gloo) vs one")
+    p.add_argument("--pipeline", type=int, default=0, metavar="N",
+                   help="instead of the memory suite: module-parallel training, N stages vs one process (images/s, "
+                        "speed-up, busy fraction and memory per stage; --threads per process)")
     p.add_argument("--json", default=None, help="write rows, checks and environment here")
     p.add_argument("--markdown", default=None, help="write the Markdown report here")
     p.add_argument("--plot", default=None, help="write a PNG chart here")
@@ -140,11 +143,26 @@ def run_ddp(args) -> int:
     return 0
 
 
+def run_pipeline(args) -> int:
+    """``lla-bench --pipeline N``: N stage processes vs one process, one row per method (lla.bench.pipeline)."""
+    from lla.bench.pipeline import markdown, measure_pipeline, write
+
+    rows = [measure_pipeline(args.pipeline, method=m.split(":")[0], backbone=args.backbone, k=args.k,
+                             batch_size=args.batch_size, image_size=args.image_size, steps=max(args.steps, 3),
+                             warmup=args.warmup, threads=args.threads)
+            for m in (args.methods or "dgl").split(",")]
+    write(rows, args.json, args.markdown)
+    print(markdown(rows), end="")
+    return 0
+
+
 def run(args) -> int:
     import torch
 
     if args.ddp:
         return run_ddp(args)
+    if args.pipeline:
+        return run_pipeline(args)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     configs = configs_from_args(args)

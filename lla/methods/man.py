@@ -95,6 +95,7 @@ class MAN(LocalLearner):
         self.ema_momentum = check_momentum(ema_momentum)
         self.learnable_scale = bool(learnable_scale)
         self.lambdas: list[tuple[float, float]] = []  # (lam1, lam2) per local module; empty for base dgl
+        self.remote_block = None  # trainer=pipeline sets it: k -> the (delayed) B_next of module k, or None
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ structure
@@ -155,7 +156,10 @@ class MAN(LocalLearner):
     def after_backward(self, k: int) -> None:
         """EMA_k <- m EMA_k + (1-m) B_next, before module k+1 steps this batch (docs/methods/man.md#ema-copies)."""
         if k < self.num_modules - 1:
-            ema_update(self.aux[k].ema, self.backbone.layers[self.next_block_index(k)], self.ema_momentum)
+            # trainer=pipeline: B_next may train on the next stage; a delayed copy of it (docs/pipeline.md#man)
+            remote = self.remote_block(k) if self.remote_block is not None else None
+            target = remote if remote is not None else self.backbone.layers[self.next_block_index(k)]
+            ema_update(self.aux[k].ema, target, self.ema_momentum)
 
     def describe(self) -> dict:
         out = super().describe()
