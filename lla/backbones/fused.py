@@ -88,7 +88,7 @@ class _BNReLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, bn_weight, bn_bias, save_mean, save_invstd = ctx.saved_tensors
         r = _relu_of_bn(x, bn_weight, bn_bias, save_mean, save_invstd)
-        grad_y = grad_out.masked_fill(r <= 0, 0)
+        grad_y = torch.ops.aten.threshold_backward(grad_out, r, 0)  # ReLU's own backward (masked_fill: 4x slower on CPU)
         del r
         grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, bn_weight, None, None, save_mean, save_invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
@@ -117,7 +117,7 @@ class _BNReLUConv(torch.autograd.Function):
             list(padding), list(dilation), False, [0] * len(stride), groups, [need_x, need_w, need_b])
         grad_x = grad_bw = grad_bb = None
         if need_x:
-            grad_y = grad_r.masked_fill_(r <= 0, 0)
+            grad_y = torch.ops.aten.threshold_backward(grad_r, r, 0)  # ReLU's own backward (masked_fill: 4x slower)
             del r
             grad_x, grad_bw, grad_bb = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, bn_weight, None, None, save_mean, save_invstd, True, ctx.eps,
