@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lla.compat import attached_trainer
 from lla.errors import ConfigError
 from lla.optim import ModuleOptimizers, OptimConfig, check_clipping
-from lla.recompute import set_recompute
+from lla.recompute import checkpoint_mode, set_recompute
 from lla.splits import Split, resolve_split
 
 
@@ -70,8 +70,8 @@ class LocalLearner(L.LightningModule):
         optim: SGD recipe (``OptimConfig`` fields).
         max_epochs: length of the LR schedule.
         split: an explicit :class:`~lla.splits.Split` (otherwise resolved from ``k`` and ``split_family``).
-        aux_checkpoint: recompute the aux nets' activations in backward instead of storing them
-            (:mod:`lla.recompute`): less memory per module, one more aux forward per step.
+        aux_checkpoint: store fewer aux-net activations and rebuild them in backward (:mod:`lla.recompute`):
+            ``selective`` (= ``True``) rebuilds BN/ReLU outputs only, ``full`` recomputes whole segments.
     """
 
     #: which K-label table this method reads (docs/splits.md#tables); see lla.splits.FAMILIES
@@ -79,7 +79,7 @@ class LocalLearner(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, k: int = 1, num_classes: int = 10, image_size: int = 32,
                  optim: Mapping[str, Any] | OptimConfig | None = None, max_epochs: int = 1,
-                 split: Split | None = None, denormalize=None, *, aux_checkpoint: bool = False):
+                 split: Split | None = None, denormalize=None, *, aux_checkpoint: bool | str = False):
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
@@ -99,10 +99,8 @@ class LocalLearner(L.LightningModule):
         K = self.num_modules
         # Aux nets for modules 0..K-2 (the last module uses the backbone's own head).
         self.aux = nn.ModuleList([self.build_aux(k) for k in range(K - 1)])
-        if not isinstance(aux_checkpoint, bool):
-            raise ConfigError("method.aux_checkpoint", f"must be a boolean, got {aux_checkpoint!r}", "true, false")
-        self.aux_checkpoint = aux_checkpoint
-        set_recompute(self.aux, aux_checkpoint)
+        self.aux_checkpoint = checkpoint_mode(aux_checkpoint)  # False, "selective" or "full"
+        set_recompute(self.aux, self.aux_checkpoint)
         self._ready = self._ready_schedule()
         self._max_span = max(self.span(k) for k in range(K))
 

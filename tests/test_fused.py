@@ -1,4 +1,5 @@
-"""backbone.fused_bn_relu (lla.backbones.fused): same values and gradients, one stored map less per block."""
+"""backbone.fused_bn_relu (lla.backbones.fused): same values and gradients, one stored map less per block; the
+standalone BN -> ReLU op (used by method.aux_checkpoint=selective before a global pool or an upsample) likewise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from lla.backbones import build_backbone
 from lla.backbones.cifar_resnet import CifarBasicBlock
-from lla.backbones.fused import bn_relu_conv, set_fused_bn_relu
+from lla.backbones.fused import bn_relu, bn_relu_conv, set_fused_bn_relu
 from lla.backbones.imagenet_resnet import BasicBlock, Bottleneck
 from lla.bench.memory import SavedTensorMeter
 from lla.errors import ConfigError
@@ -86,6 +87,32 @@ def test_fused_block_stores_one_map_less():
     assert 4 * map_bytes <= stored[True] < 4 * map_bytes + 1024
 
 
+def test_fused_bn_relu_alone_equals_plain_and_stores_only_the_bn_input():
+    """relu(bn(x)) before a global average pool: plain stores BN's input and ReLU's output, fused only BN's input;
+    values, gradients and running statistics are BatchNorm's and ReLU's own (float64)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).double()
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    nn.init.uniform_(bn.bias, -0.3, 0.3)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    w = torch.randn(4, 6, dtype=torch.float64)
+    results = {}
+    for fused in (False, True):
+        layer = copy.deepcopy(bn)
+        xi = x.clone().requires_grad_()
+        with SavedTensorMeter(exclude=[*layer.parameters(), *layer.buffers()]) as meter:
+            out = bn_relu(xi, layer, fused)
+            stored = meter.live_bytes
+            (out.mean((2, 3)) * w).sum().backward()
+        assert ("BNReLU" in out.grad_fn.name()) == fused
+        results[fused] = (out.detach(), xi.grad, layer.weight.grad, layer.bias.grad, layer.running_var, stored)
+    for a, b in zip(results[False][:5], results[True][:5]):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-14)
+    map_bytes = x.numel() * 8
+    assert results[False][5] - results[True][5] == map_bytes  # the ReLU output (BN's batch statistics: both)
+    assert map_bytes <= results[True][5] < map_bytes + 256
+
+
 def test_falls_back_where_not_exact():
     torch.manual_seed(0)
     bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
@@ -98,6 +125,9 @@ def test_falls_back_where_not_exact():
     assert "BNReLUConv" in bn_relu_conv(x, bn, conv, True).grad_fn.name()
     sync = nn.SyncBatchNorm(4)
     assert "BNReLUConv" not in bn_relu_conv(x, sync, conv, True).grad_fn.name()
+    assert "BNReLU" not in bn_relu(x, sync, True).grad_fn.name()
+    bn.eval()
+    assert "BNReLU" not in bn_relu(x, bn, True).grad_fn.name()
 
 
 def test_backbone_option_reaches_every_block_and_copies():

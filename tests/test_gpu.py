@@ -248,14 +248,16 @@ def test_fused_bn_relu_equals_plain_on_cuda(block_name):
 
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "e2e"])
 def test_aux_checkpoint_equals_plain_on_cuda(name, exact_fp32):
-    """Float64 on CUDA: recomputing the aux activations in backward gives the stored path's training."""
+    """Float64 on CUDA: rebuilding (selective, what true means) or recomputing (full) the aux activations in backward
+    gives the stored path's training."""
     states = []
-    for aux_checkpoint in (False, True):
+    for aux_checkpoint in (False, "selective", "full"):
         model = make(name, aux_checkpoint=aux_checkpoint)
         fit(model, DEVICE, "64-true", steps=3, dataset=data(BATCH * 3, torch.float64))
         states.append({n: t.detach().cpu() for n, t in model.state_dict().items()})
     for n in states[0]:
-        torch.testing.assert_close(states[1][n], states[0][n], atol=1e-10, rtol=0, msg=n)
+        for state in states[1:]:
+            torch.testing.assert_close(state[n], states[0][n], atol=1e-10, rtol=0, msg=n)
 
 
 # ---------------------------------------------------------------------------------------------------- 2 GPUs, NCCL
