@@ -44,12 +44,14 @@ METHODS = {
 K, SIZE, BATCH = 4, 8, 16
 
 # ||w_compiled - w_eager|| / ||w_eager - w_init|| over every float parameter and buffer after 3 steps. Measured on the
-# 2-core CPU (torch 2.14, Inductor C++): 2e-7 .. 3e-6 for every method. The same set-up in float32 against float64
-# (eager) differs by 3e-7 .. 2e-6, so compiled float32 is as close to eager float32 as float32 is to exact: Inductor
-# only re-orders roundings. The bound keeps a 30x margin and still catches a skipped or doubled update (~1) or a
-# wrong gradient. Batch 16 because at batch 4 the DGL heads' BatchNorm1d amplifies float32 rounding ~1e5-fold within
-# 3 steps (f32 vs f64: 0.14), which would hide any difference between compiled and eager.
+# 2-core CPU (torch 2.14, Inductor C++): 2e-7 .. 3e-6 for E2E, InfoPro, AugLocal, MAN, MLAAN; the same set-up in
+# float32 against float64 (eager) differs by 3e-7 .. 2e-6, so Inductor only re-orders roundings (and in float64,
+# compiled DGL equals eager DGL to 6e-15 over 4 steps). DGL in float32 jumps to 2.4e-3 at step 3, and so does EAGER
+# DGL whose weights were perturbed by 1e-6 (relative): a rounding-level difference crosses a discontinuity there and
+# is amplified ~1000-fold. So the bound is REL_TOL or 3x what such a 1e-6 perturbation of the eager run gives,
+# whichever is larger: it still catches a skipped or doubled update (~1) or a wrong gradient.
 REL_TOL = 1e-4
+PERTURB = 1e-6
 
 
 def to01(x):
@@ -74,6 +76,20 @@ def relative_distance(a: dict, b: dict, init: dict) -> float:
     num = sum(((a[n].double() - b[n].double()) ** 2).sum() for n in keys)
     den = sum(((b[n].double() - init[n].double()) ** 2).sum() for n in keys)
     return float((num / den).sqrt())
+
+
+def perturbed_eager_distance(name: str, init: dict, eager_state: dict) -> float:
+    """How far 3 eager float32 steps move when every weight starts 1e-6 (relative, random) off: the float32
+    sensitivity of this set-up, which no implementation can be held below."""
+    model = make(name)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + PERTURB * torch.randn(p.shape, generator=g))
+    detach_from_trainer(model)
+    for i, batch in enumerate(batches(3)):
+        model.training_step(batch, i)
+    return relative_distance(model.state_dict(), eager_state, init)
 
 
 @pytest.fixture(autouse=True)
@@ -101,9 +117,10 @@ def test_compiled_steps_equal_eager_steps(name):
     a, b = compiled.state_dict(), eager.state_dict()
     assert list(a) == list(b)  # same keys: checkpoints of compiled and eager runs are interchangeable
     dist = relative_distance(a, b, init)
-    print(f"{name}: compiled vs eager after 3 steps: relative distance {dist:.2e}, {c['graphs']} graphs, "
-          f"{c['seconds']:.0f} s compiling")
-    assert dist <= REL_TOL, f"{name}: compiled weights are {dist:.2e} away from eager ones"
+    tol = max(REL_TOL, 3 * perturbed_eager_distance(name, init, b))
+    print(f"{name}: compiled vs eager after 3 steps: relative distance {dist:.2e} (bound {tol:.1e}), "
+          f"{c['graphs']} graphs, {c['seconds']:.0f} s compiling")
+    assert dist <= tol, f"{name}: compiled weights are {dist:.2e} away from eager ones (bound {tol:.1e})"
     moved = max((b[n].float() - init[n].float()).abs().max().item() for n in init if init[n].is_floating_point())
     assert moved > 1e-3  # the steps did train
 
