@@ -51,7 +51,8 @@ def build(cfg: DictConfig, choices: dict[str, str] | None = None):
     from lla.config import check_keys, instantiate_checked
 
     check_config(cfg)
-    from lla.compile import check_options as check_compile, compile_model
+    from lla.compile import check_options as check_compile
+    from lla.compile import compile_model
 
     check_compile(cfg.get("compile", False), cfg.get("compile_mode", "default"), cfg.get("compile_dynamic", False))
     check_keys(cfg.dataset, "dataset")
