@@ -27,8 +27,10 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 # Memory for every row (exact), step times per row; then step / E2E measured interleaved (stable on a shared host),
-# plain (8 rounds: the ratios the targets are judged on), with both memory options, and in channels_last.
-# About 10.5 minutes on an idle 2-core CPU.
+# plain (8 rounds: the ratios the targets are judged on), with both memory options, and in channels_last; then
+# compile=true (every row compiled, E2E too, beside an eager E2E), plain and lean (docs/compile.md). The compile
+# rows spend most of their time compiling (reported per row, not in the step times): about 15 minutes in all on an
+# idle 2-core CPU with Inductor's cache warm (/tmp/torchinductor_<user>), more on the first run.
 bench: install
 	$(PY) -m lla.bench.cli --suite default --steps 2 --json bench/results.json --markdown bench/results.md --plot bench/results.png
 	$(PY) -m lla.bench.interleaved --rounds 8 --json bench/interleaved.json --markdown bench/interleaved.md
@@ -38,6 +40,10 @@ bench: install
 		--markdown bench/interleaved_cl.md
 	$(PY) -m lla.bench.cli --pipeline 2 --threads 1 --methods dgl,infopro --backbone resnet32 --k 16 --batch-size 64 \
 		--steps 10 --warmup 3 --json bench/pipeline.json --markdown bench/pipeline.md
+	$(PY) -m lla.bench.interleaved --rounds 4 --compile --json bench/interleaved_compile.json \
+		--markdown bench/interleaved_compile.md
+	$(PY) -m lla.bench.interleaved --rounds 4 --compile --options aux_checkpoint=true,backbone.fused_bn_relu=true \
+		--json bench/interleaved_compile_lean.json --markdown bench/interleaved_compile_lean.md
 
 # The documentation site (mkdocs + Material + mkdocstrings) into site/; --strict fails on a broken link or page.
 docs: install

@@ -51,6 +51,10 @@ def build(cfg: DictConfig, choices: dict[str, str] | None = None):
     from lla.config import check_keys, instantiate_checked
 
     check_config(cfg)
+    from lla.compile import check_options as check_compile
+    from lla.compile import compile_model
+
+    check_compile(cfg.get("compile", False), cfg.get("compile_mode", "default"), cfg.get("compile_dynamic", False))
     check_keys(cfg.dataset, "dataset")
     check_keys(cfg.method, "method", provided={"backbone", "k", "num_classes", "image_size", "optim",
                                                 "max_epochs", "denormalize"})
@@ -64,6 +68,8 @@ def build(cfg: DictConfig, choices: dict[str, str] | None = None):
         max_epochs=int(cfg.trainer.max_epochs), denormalize=dm.denormalize)
     if cfg.get("channels_last", False):
         model.use_channels_last()
+    if cfg.get("compile", False):  # after the layout: the graphs are traced for the weights' final format
+        compile_model(model, cfg.get("compile_mode", "default"), cfg.get("compile_dynamic", False))
     trainer_cfg = cfg.get("trainer") or {}  # per-module accumulation/clipping: the engine's, never the Trainer's
     model.configure_module_steps(trainer_cfg.get("accumulate_grad_batches", 1) or 1,
                                  trainer_cfg.get("gradient_clip_val"), trainer_cfg.get("gradient_clip_algorithm"))

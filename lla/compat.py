@@ -73,6 +73,43 @@ def steps_with_amp_scaling(cls: type) -> type:
     return cls
 
 
+def set_recompile_limit(n: int) -> None:
+    """Let each compiled function hold up to ``n`` graphs before torch falls back to eager
+    (``torch._dynamo.config.recompile_limit``; never lowers it)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(int(n), dynamo_config.recompile_limit)
+
+
+def compiled_graph_count() -> int:
+    """How many graphs torch.compile has captured in this process so far, recompiles included
+    (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs Inductor ran without CUDA graphs under ``mode="reduce-overhead"`` (dynamic shapes,
+    CPU tensors, mutated inputs, ...): ``torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]``."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+#: ``torch._dynamo.utils.compilation_time_metrics`` entries that together are the compile time of a graph: the
+#: forward (Dynamo + AOTAutograd + Inductor) and the backward, which is compiled at its first call.
+COMPILE_TIME_KEYS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process so far (forward and backward graphs), from
+    ``torch._dynamo.utils.compilation_time_metrics``."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(sum(compilation_time_metrics.get(key, ())) for key in COMPILE_TIME_KEYS))
+
+
 # ------------------------------------------------------------------------------------------------------- lightning
 def __getattr__(name: str) -> Any:
     # ``SubprocessScriptLauncher``: Lightning's popen launcher (rank 0 re-runs the command once per other local

@@ -116,6 +116,7 @@ class LocalLearner(L.LightningModule):
         self._loss_batches = 0
         self.step_inputs: deque[Tensor] = deque(maxlen=self._max_span)
         self.channels_last = False
+        self.compiled_modules: list | None = None  # compile=true: one compiled function per module (lla.compile)
         self._sync: tuple[Any, bool] | None = None  # (gradient sync, overlaps?), looked up once per fit
         self._pipe = None  # trainer=pipeline: this process's stage (lla.pipeline.PipelineStage), looked up per fit
         self.configure_module_steps()
@@ -186,6 +187,8 @@ class LocalLearner(L.LightningModule):
 
     def forward_module(self, k: int, x: Tensor) -> Tensor:
         """Run module k's layers on its (detached) input."""
+        if self.compiled_modules is not None:
+            return self.compiled_modules[k](x)
         for i in self.module_layers(k):
             x = self.backbone.layers[i](x)
         return x

@@ -298,3 +298,44 @@ def test_module_optimizers_is_a_real_optimizer_over_the_inner_groups():
     assert [g["lr"] for o in other.optimizers for g in o.param_groups] == [0.5, 0.5]
     assert all(torch.equal(other.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
                for ps in params for p in ps)
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+def test_recompile_limit_is_raised_never_lowered():
+    import torch._dynamo.config as dynamo_config
+
+    saved = dynamo_config.recompile_limit
+    try:
+        compat.set_recompile_limit(saved + 5)
+        assert dynamo_config.recompile_limit == saved + 5, changed("torch._dynamo.config.recompile_limit")
+        compat.set_recompile_limit(1)
+        assert dynamo_config.recompile_limit == saved + 5
+    finally:
+        dynamo_config.recompile_limit = saved
+
+
+def test_graph_count_and_compile_seconds_follow_a_compile():
+    """One Inductor compile of a tiny function with a backward: one more graph, and the forward and backward
+    compile times both recorded under the names compile_seconds sums."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    torch.compiler.reset()
+    graphs, seconds = compat.compiled_graph_count(), compat.compile_seconds()
+    fn = torch.compile(lambda x: (x * 2 + 1).relu(), dynamic=False)
+    x = torch.randn(5, requires_grad=True)
+    fn(x).sum().backward()
+    assert compat.compiled_graph_count() == graphs + 1, changed('counters["stats"]["unique_graphs"]')
+    for key in compat.COMPILE_TIME_KEYS:
+        assert compilation_time_metrics.get(key), changed(f"compilation_time_metrics[{key!r}]")
+    assert compat.compile_seconds() > seconds
+    fn(x).sum().backward()  # cached: nothing compiled
+    assert compat.compiled_graph_count() == graphs + 1
+    torch.compiler.reset()
+
+
+def test_cudagraph_skips_counter_is_the_one_inductor_increments():
+    from torch._inductor import cudagraph_utils
+
+    assert 'counters["inductor"]["cudagraph_skips"]' in inspect.getsource(cudagraph_utils), \
+        changed('counters["inductor"]["cudagraph_skips"]')
+    assert isinstance(compat.cudagraph_skips(), int)
