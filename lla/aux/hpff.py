@@ -43,8 +43,8 @@ def split_patches(t: Tensor, grid: int) -> list[Tensor]:
 def check_grid(grid, spatial: int) -> int:
     """``grid`` if it is an integer in 1..spatial (each patch at least one pixel), else ConfigError."""
     if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= spatial:
-        raise ConfigError("method.patches", f"must be an integer in 1..{spatial} (the smallest aux-net input is "
-                          f"{spatial}x{spatial}), got {grid!r}", f"1..{spatial} (paper and code: 2)")
+        raise ConfigError("method.patches", f"must be an integer in 1..{spatial} (an aux net here sees a "
+                          f"{spatial}x{spatial} map), got {grid!r}", f"1..{spatial} (paper and code: 2)")
     return grid
 
 
