@@ -7,7 +7,8 @@ PFF cuts the feature map an aux net receives into a ``grid x grid`` set of patch
   each feature patch upsampled (bilinear, align_corners) to the size of the matching image patch, conv3x3 (bias) +
   BN + ReLU at ``12 * widen`` channels, conv3x3 (bias) to 3 channels, BCE against the image patch.
 * :class:`PatchHead`: one classifier head, shared by the patches, whose outputs are averaged ("averaging the
-  patch-level features") before the loss. The official CIFAR code runs its classifiers on the whole map instead
+  patch-level features") before the loss. Heads size themselves for the patch; DGL's ``man`` head, which pools any
+  input to 8x8, pools a patch to ``(8/grid)^2``, so a patch-wise head costs what the whole-map head did. The official CIFAR code runs its classifiers on the whole map instead
   (``patch_heads=false``, what ``method.mode=reference`` sets for the InfoPro base).
 
 Patches are taken in the official order: top-left, top-right, bottom-left, bottom-right (row-major), each side cut
@@ -91,7 +92,10 @@ def classifier(base: str, head: str, channels: int, spatial: int, num_classes: i
     """
     side = max(1, spatial // grid)
     if base == "dgl":
-        return PatchHead(dgl_head(head, channels, side, num_classes, feature_dim), grid)
+        net = dgl_head(head, channels, side, num_classes, feature_dim)
+        if head == "man" and grid > 1:  # pools to 8x8 whatever it sees: pool a patch to (8/grid)^2 instead, so the
+            net[0] = nn.AdaptiveAvgPool2d(max(1, 8 // grid))  # patches together cost what the whole map did
+        return PatchHead(net, grid)
     out = num_classes if loss == "ce" else feature_dim
     net = cifar_head(head, channels, side, out, widen, feature_dim)
     init_cifar(net)
