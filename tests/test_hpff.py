@@ -108,7 +108,7 @@ def test_paper_mode_runs_every_head_on_the_patches_and_module_0_learns():
     assert model.span(0) == 1  # module 0's cascade has no module before it
 
 
-def test_patches_are_the_official_quadrants_and_head_outputs_are_averaged():
+def test_patches_are_the_official_quadrants_and_patch_features_are_averaged():
     t = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     quads = split_patches(t, 2)
     want = [t[:, :, :3, :3], t[:, :, :3, 3:], t[:, :, 3:, :3], t[:, :, 3:, 3:]]  # auxiliary_net.Decoder's order
@@ -118,7 +118,9 @@ def test_patches_are_the_official_quadrants_and_head_outputs_are_averaged():
     head = model.aux[1].independent.head
     head.eval()
     h = torch.randn(4, model.module_output_shape(1)[0], 16, 16)
-    torch.testing.assert_close(head(h), sum(head.net(q) for q in split_patches(h, 2)) / 4)
+    cut = [type(m) for m in head.net].index(nn.Flatten) + 1  # the features after pooling, before the FC layers
+    feats = sum(head.net[:cut](q) for q in split_patches(h, 2)) / 4
+    torch.testing.assert_close(head(h), head.net[cut:](feats))
 
 
 @pytest.mark.parametrize("base", ["dgl", "infopro"])
@@ -212,9 +214,12 @@ def quadrants(t):
 
 
 def official_classifier(head, z, y):
-    """AuxClassifier.forward (CE); with patch heads the per-quadrant outputs of the shared head are averaged."""
-    out = head.net(z) if head.grid == 1 else sum(head.net(q) for q in quadrants(z)) / 4
-    return F.cross_entropy(out, y)
+    """AuxClassifier.forward (CE); with patch heads (the paper's PFF) the shared trunk's pooled features of the four
+    quadrants are averaged before the FC layers."""
+    if head.grid == 1:
+        return F.cross_entropy(head.net(z), y)
+    cut = [type(m) for m in head.net].index(nn.Flatten) + 1
+    return F.cross_entropy(head.net[cut:](sum(head.net[:cut](q) for q in quadrants(z)) / 4), y)
 
 
 def official_decoder(decoder, z, image):

@@ -6,8 +6,9 @@ PFF cuts the feature map an aux net receives into a ``grid x grid`` set of patch
   the patch losses are summed. This is the part the official CIFAR code implements (its ``Decoder``): a 2x2 grid,
   each feature patch upsampled (bilinear, align_corners) to the size of the matching image patch, conv3x3 (bias) +
   BN + ReLU at ``12 * widen`` channels, conv3x3 (bias) to 3 channels, BCE against the image patch.
-* :class:`PatchHead`: one classifier head, shared by the patches, whose outputs are averaged ("averaging the
-  patch-level features") before the loss. Heads size themselves for the patch; DGL's ``man`` head, which pools any
+* :class:`PatchHead`: one classifier head, shared by the patches: its convolutional trunk (up to its pooling and
+  Flatten) runs on each patch, the patch feature vectors are averaged ("averaging the patch-level features") and
+  its FC layers run once on the average. Heads size themselves for the patch; DGL's ``man`` head, which pools any
   input to 8x8, pools a patch to ``(8/grid)^2``, so a patch-wise head costs what the whole-map head did. The official CIFAR code runs its classifiers on the whole map instead
   (``patch_heads=false``, what ``method.mode=reference`` sets for the InfoPro base).
 
@@ -70,18 +71,30 @@ class PatchDecoder(nn.Module):
         return loss
 
 
-class PatchHead(nn.Module):
-    """A head applied to each patch with shared weights; the patch outputs are averaged (grid 1: the whole map)."""
+def fusion_point(net: nn.Sequential) -> int:
+    """Index just past the head's first ``Flatten``: where its convolutional trunk ends and its FC layers begin."""
+    for i, layer in enumerate(net):
+        if isinstance(layer, nn.Flatten):
+            return i + 1
+    raise ValueError("a patch-wise head needs a Flatten between its trunk and its FC layers")
 
-    def __init__(self, net: nn.Module, grid: int):
+
+class PatchHead(nn.Module):
+    """A head whose trunk (convs + pooling, up to its Flatten) runs on each patch with shared weights; the patch
+    feature vectors are averaged and the FC layers run once on the average (grid 1: the whole map, unchanged)."""
+
+    def __init__(self, net: nn.Sequential, grid: int):
         super().__init__()
         self.net, self.grid = net, grid
+        self.split = fusion_point(net)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.grid == 1:
             return self.net(h)
-        outs = [self.net(p) for p in split_patches(h, self.grid)]
-        return sum(outs[1:], outs[0]) / len(outs)
+        trunk, fc = self.net[:self.split], self.net[self.split:]
+        trunk.recompute = fc.recompute = getattr(self.net, "recompute", False)  # method.aux_checkpoint reaches both
+        feats = [trunk(p) for p in split_patches(h, self.grid)]
+        return fc(sum(feats[1:], feats[0]) / len(feats))
 
 
 def classifier(base: str, head: str, channels: int, spatial: int, num_classes: int, *, grid: int, loss: str = "ce",
