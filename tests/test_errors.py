@@ -23,7 +23,7 @@ TINY = ["dataset=synthetic", "backbone=resnet20", "dataset.image_size=16", "data
 
 # (overrides, the key the error must name, words the line must hold)
 BAD_INPUTS = [
-    (["method=nope"], "method", "unknown method 'nope'; allowed: auglocal, dgl, e2e, infopro, man, mlaan"),
+    (["method=nope"], "method", "unknown method 'nope'; allowed: auglocal, dgl, e2e, hpff, infopro, man, mlaan"),
     (["method=dgl,mann", "-m"], "method", "did you mean man?"),  # every value of a sweep is checked
     (["backbone=resnt20"], "backbone", "did you mean resnet20?"),
     (["dataset=cifar100"], "dataset", "did you mean cifar10?"),

@@ -130,6 +130,8 @@ ROW_BUILDS = {
     "man_infopro": ["dataset=imagenet", "backbone=resnet101", "k=2"],
     "mlaan_dgl": ["dataset=cifar10", "backbone=resnet32", "k=8"],
     "mlaan_infopro": ["dataset=stl10", "backbone=resnet32", "k=8"],
+    "hpff_dgl": ["dataset=cifar10", "backbone=resnet32", "k=8"],
+    "hpff_infopro": ["dataset=svhn", "backbone=resnet32", "k=8"],
 }
 
 

@@ -403,7 +403,7 @@ def test_every_table_entry_resolves():
 
 
 def test_the_table_files_register_the_families(tmp_path, monkeypatch):
-    assert families() == FAMILIES == ("e2e", "auglocal", "infopro", "man", "manpp", "mlaan")
+    assert families() == FAMILIES == ("e2e", "auglocal", "hpff", "infopro", "man", "manpp", "mlaan")
 
     def tables(name: str, edit: dict[str, tuple[str, str]]):
         """A copy of the tables with (old, new) text replacements per file, made the table folder in use."""

@@ -71,4 +71,10 @@ def quick_suite() -> list[BenchConfig]:
                                                        extra=AUX_CHECKPOINT), *_cifar("resnet32", 16, 2, extra=LEAN)]
 
 
-SUITES = {"default": default_suite, "quick": quick_suite}
+def hpff_suite() -> list[BenchConfig]:
+    """HPFF on ResNet-32 K=16 (15 modules) at 32x32, batch 64, on both bases, beside E2E (docs/methods/hpff.md#memory)."""
+    return [BenchConfig("e2e", "resnet32", 16, 64, 32),
+            *(BenchConfig("hpff", "resnet32", 16, 64, 32, (("base", base),)) for base in ("dgl", "infopro"))]
+
+
+SUITES = {"default": default_suite, "quick": quick_suite, "hpff": hpff_suite}
