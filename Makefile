@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.lla-installed
 
-.PHONY: install demo test test-fast bench gpu-check lint clean docs
+.PHONY: install demo test test-fast bench bench-compile gpu-check lint clean docs
 
 install: $(STAMP)
 
@@ -28,9 +28,7 @@ test-fast: install
 
 # Memory for every row (exact), step times per row; then step / E2E measured interleaved (stable on a shared host),
 # plain (8 rounds: the ratios the targets are judged on), with both memory options, and in channels_last; then
-# compile=true (every row compiled, E2E too, beside an eager E2E), plain and lean (docs/compile.md). The compile
-# rows spend most of their time compiling (reported per row, not in the step times): about 15 minutes in all on an
-# idle 2-core CPU with Inductor's cache warm (/tmp/torchinductor_<user>), more on the first run.
+# module-parallel training, 2 stages against one process (docs/pipeline.md). About 7 minutes on an idle 2-core CPU.
 bench: install
 	$(PY) -m lla.bench.cli --suite default --steps 2 --json bench/results.json --markdown bench/results.md --plot bench/results.png
 	$(PY) -m lla.bench.interleaved --rounds 8 --json bench/interleaved.json --markdown bench/interleaved.md
@@ -40,6 +38,10 @@ bench: install
 		--markdown bench/interleaved_cl.md
 	$(PY) -m lla.bench.cli --pipeline 2 --threads 1 --methods dgl,infopro --backbone resnet32 --k 16 --batch-size 64 \
 		--steps 10 --warmup 3 --json bench/pipeline.json --markdown bench/pipeline.md
+
+# compile=true rows (docs/compile.md), plain and lean, E2E compiled and eager. Kept out of `make bench`: Inductor
+# compiles every module, aux net and E2E on the first steps, which takes most of an hour on a cold 2-core CPU.
+bench-compile: install
 	$(PY) -m lla.bench.interleaved --rounds 4 --compile --json bench/interleaved_compile.json \
 		--markdown bench/interleaved_compile.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --compile --options aux_checkpoint=true,backbone.fused_bn_relu=true \
