@@ -115,7 +115,8 @@ class MAN(LocalLearner):
         channels = self.backbone.specs[idx].out_channels
         spatial = self.backbone.spatial_size(idx, self.image_size)
         rule = make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
-                         image_size=self.image_size, options=self._rule_options(k, idx))
+                         image_size=self.image_size, options=self._rule_options(k, idx),
+                         layout=self.backbone.specs[idx].layout)
         return MomentumAux(lb, ema, rule, self.learnable_scale)
 
     def _fresh_block(self, idx: int) -> nn.Module:
