@@ -185,7 +185,7 @@ CASES = [  # (method, options, span): loss k reaches modules k-span+1..k
     (InfoPro, {}, 1),
     (MAN, {"base": "dgl"}, 1),
     (MAN, {"base": "infopro", "lambda_schedule": "module_index", "ixx_2": 1.0, "ixy_2": 1.0}, 1),
-    (MAN, {"base": "dgl", "learnable_scale": True}, 1),
+    (MAN, {"base": "dgl", "learnable_scale": True, "aux_depth": 2}, 1),  # MAN++'s ViT aux path
     (MLAAN, {"base": "dgl"}, 2),
     (MLAAN, {"base": "infopro", "cascade_span": 3}, 3),
 ]
@@ -215,6 +215,41 @@ def test_aux_nets_are_the_token_ones():
     g = h.clone()
     g[:, 1:] = torch.randn(2, 16, 192)
     torch.testing.assert_close(head(h), head(g))
+
+
+def test_man_plus_plus_aux_path_copies_two_blocks_and_mixes_the_first():
+    """MAN++'s ViT aux net (vit_man.py): s*LB0(h) + (2-s)*EMA0(h), then LB1, then LayerNorm + Linear on the class token."""
+    model = make(MAN, base="dgl", learnable_scale=True, aux_depth=2)
+    layers = model.backbone.layers
+    for k in range(model.num_modules - 1):
+        aux, first = model.aux[k], model.next_block_index(k)
+        assert len(aux.tail) == 1
+        for copy_, source in ((aux.lb, layers[first]), (aux.ema, layers[first]), (aux.tail[0], layers[first + 1])):
+            assert all(torch.equal(a, b) for a, b in zip(copy_.state_dict().values(), source.state_dict().values()))
+    aux = model.aux[0]
+    with torch.no_grad():
+        aux.scale.fill_(0.3)
+        h = torch.randn(2, 17, 192)
+        z = aux.tail[0](0.3 * aux.lb(h) + 1.7 * aux.ema(h))
+        y = torch.tensor([1, 2])
+        torch.testing.assert_close(aux(h, y), F.cross_entropy(aux.rule.head(z), y))
+    with pytest.raises(ConfigError, match="method.aux_depth"):
+        make(MAN, base="dgl", aux_depth=5)  # module 2's path would run past block 12
+
+
+@pytest.mark.parametrize("side,image,staged", [(14, 224, True), (4, 16, False)])
+def test_infopro_token_decoder_reconstructs_the_image_from_the_patch_grid(side, image, staged):
+    rule = TokenInfoProRule(48, side, 10, image)
+    wide = []  # full-resolution activations wider than InfoPro's last decoder stage (12 channels)
+    for m in rule.decoder:
+        m.register_forward_hook(lambda m, i, o: wide.append(o.shape[1]) if o.shape[-1] == image and o.shape[1] > 12
+                                else None)
+    h = torch.randn(2, 1 + side * side, 48)
+    recon = rule.decoder(patch_grid(h, side))
+    assert recon.shape == (2, 3, image, image)
+    assert (not wide) == staged  # the 16x16-patch decoder upsamples in stages; the CIFAR one upsamples D channels
+    loss = rule(h, torch.tensor([1, 2]), torch.rand(2, 3, image, image))
+    assert torch.isfinite(loss) and rule.needs_x01
 
 
 def test_refusals_are_one_clear_line():

@@ -5,9 +5,12 @@ A ViT layer outputs (B, 1 + N, D): the class token, then the N = side^2 patch to
 
 * classification (the DGL rule, InfoPro's and MLAAN's heads, MAN's rule): MAN++'s ViT aux classifier, a LayerNorm
   (eps 1e-6) on the class token and one Linear layer, weights truncated-normal(0.02), biases 0 (MAN++'s init);
-* InfoPro's reconstruction: the patch tokens laid back on their grid, (B, D, side, side), then InfoPro's CIFAR
-  decoder (bilinear upsample to the image, conv3x3 + BN + ReLU, conv3x3 to 3 channels). InfoPro's ``head``
-  (conv configs) and ``variant=imagenet`` do not apply to tokens and are refused.
+* InfoPro's reconstruction: the patch tokens laid back on their grid, (B, D, side, side), then one of InfoPro's
+  decoders: for 16x16 patches (a 14x14 grid at 224) the ImageNet decoder of a 14x14 map (conv + BN + ReLU, then a
+  2x bilinear upsample, four times, widths 192/64/32/12, then conv3x3 to 3 channels; its first conv takes D channels
+  instead of 1024), which never holds a D-channel map at full resolution; otherwise the CIFAR decoder (bilinear
+  upsample to the image, conv3x3 + BN + ReLU, conv3x3 to 3). InfoPro's ``head`` (conv configs) does not apply to
+  tokens; ``variant=imagenet`` is refused.
 
 MAN++ (JunhaoSu0/MAN_PlusPlus, ``vit_man.py``) builds its aux path from copies of the next module's first blocks
 (the MAN method does that for any backbone) and ends it in :class:`TokenHead`, with a CE loss: the DGL rule here.
@@ -18,9 +21,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lla.aux.infopro import LOSSES, cifar_decoder
+from lla.aux.infopro import LOSSES, UpsampleTo, cifar_decoder
 from lla.aux.local_rule import LocalRule
 from lla.backbones.cifar_resnet import init_cifar
+from lla.backbones.imagenet_resnet import init_imagenet
+from lla.recompute import Chain
+
+# InfoPro's ImageNet decoder for a 1024-channel 14x14 map (docs/methods/infopro.md#aux-nets): (width, kernel) per
+# stage, each stage followed by a 2x bilinear upsample (14 -> 28 -> 56 -> 112 -> 224).
+STAGED_DECODER = ((192, 1), (64, 1), (32, 3), (12, 3))
 from lla.errors import ConfigError
 from lla.losses import supervised_contrastive_loss
 
@@ -40,6 +49,32 @@ def patch_grid(h: Tensor, side: int) -> Tensor:
     if n != 1 + side * side:
         raise ValueError(f"expected 1 + {side}x{side} tokens, got {n}")
     return h[:, 1:].transpose(1, 2).reshape(b, d, side, side)
+
+
+def staged_decoder(dim: int, side: int) -> nn.Module:
+    """InfoPro's 14x14-map ImageNet decoder with a ``dim``-channel input, for a ``side`` grid 16x below the image."""
+    layers: list[nn.Module] = []
+    cin = dim
+    for i, (cout, kernel) in enumerate(STAGED_DECODER, start=1):
+        target = side * 2 ** i
+        layers += [nn.Conv2d(cin, cout, kernel, padding=kernel // 2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                   UpsampleTo(size=(target, target), mode="bilinear", align_corners=True)]
+        cin = cout
+    layers.append(nn.Conv2d(cin, 3, 3, padding=1))
+    decoder = Chain(*layers)
+    init_imagenet(decoder, zero_init_residual=False)
+    return decoder
+
+
+def token_decoder(dim: int, side: int, image_size: int, widen: int = 1) -> nn.Module:
+    """The decoder :class:`TokenInfoProRule` uses (module docstring); returns logits like InfoPro's."""
+    if side * 16 == image_size:
+        if widen != 1:
+            raise ConfigError("method.widen", "the 16x16-patch token decoder has InfoPro's fixed ImageNet widths", "1")
+        return staged_decoder(dim, side)
+    decoder = cifar_decoder(dim, image_size, widen)
+    init_cifar(decoder)
+    return decoder
 
 
 class TokenHead(nn.Module):
@@ -79,9 +114,7 @@ class TokenInfoProRule(LocalRule):
         if self.lam1 == 0 and self.lam2 == 0:
             raise ConfigError("method.ixx_1", "both loss weights of this module are 0, so it would never train",
                               "lam1 != 0 or lam2 != 0 for every local module (check ixx_*/ixy_* and K)")
-        self.decoder = cifar_decoder(dim, image_size, widen) if self.lam1 else None
-        if self.decoder is not None:
-            init_cifar(self.decoder)
+        self.decoder = token_decoder(dim, side, image_size, widen) if self.lam1 else None
         self.head = TokenHead(dim, num_classes if loss == "ce" else feature_dim) if self.lam2 else None
         self.needs_x01 = self.decoder is not None
 
