@@ -25,13 +25,13 @@ from lla.aux.infopro import LOSSES, UpsampleTo, cifar_decoder
 from lla.aux.local_rule import LocalRule
 from lla.backbones.cifar_resnet import init_cifar
 from lla.backbones.imagenet_resnet import init_imagenet
+from lla.errors import ConfigError
+from lla.losses import supervised_contrastive_loss
 from lla.recompute import Chain
 
 # InfoPro's ImageNet decoder for a 1024-channel 14x14 map (docs/methods/infopro.md#aux-nets): (width, kernel) per
 # stage, each stage followed by a 2x bilinear upsample (14 -> 28 -> 56 -> 112 -> 224).
 STAGED_DECODER = ((192, 1), (64, 1), (32, 3), (12, 3))
-from lla.errors import ConfigError
-from lla.losses import supervised_contrastive_loss
 
 
 def is_tokens(spec) -> bool:
