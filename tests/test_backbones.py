@@ -25,6 +25,7 @@ from lla.errors import ConfigError
 
 CIFAR = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext101_32x8d", "vgg13"]
+VIT = ["vit_tiny", "vit_small", "vit_base", "vit_tiny_patch4"]  # token-layout chains: tests/test_vit.py
 TORCHVISION_NAME = {"vgg13": "vgg13_bn"}
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 
@@ -57,7 +58,7 @@ def check_layer_outputs(net, image_size, outs):
 
 
 def test_registry_holds_exactly_the_spec_backbones():
-    assert sorted(BACKBONES) == sorted(CIFAR + IMAGENET)
+    assert sorted(BACKBONES) == sorted(CIFAR + IMAGENET + VIT)
 
 
 # docs/splits.md#layer-addresses: L values and global indices ----------------------------------------------------------

@@ -26,6 +26,7 @@ NUM_LAYERS = {
     "resnet20": 10, "resnet32": 16, "resnet44": 22, "resnet56": 28, "resnet110": 55,
     "resnet18": 9, "resnet34": 17, "resnet50": 17, "resnet101": 34, "resnet152": 51,
     "resnext101_32x8d": 34, "vgg13": 10,
+    "vit_tiny": 13, "vit_small": 13, "vit_base": 13, "vit_tiny_patch4": 13,
 }
 # fmt: on
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from lla.aux.dgl import DGL_HEADS, dgl_head
 from lla.aux.infopro import InfoProRule
 from lla.aux.local_rule import LocalRule
+from lla.aux.tokens import token_rule
 from lla.errors import ConfigError
 
 __all__ = ["BASES", "DGLRule", "LocalRule", "make_rule"]
@@ -36,12 +37,17 @@ class DGLRule(LocalRule):
 
 
 def make_rule(base: str, *, channels: int, spatial: int, num_classes: int, image_size: int,
-              options: dict[str, Any]) -> LocalRule:
+              options: dict[str, Any], layout: str = "map") -> LocalRule:
     """Build the ``base`` rule for a ``channels x spatial x spatial`` feature map.
 
     ``options`` holds the base's own settings: for ``dgl`` ``head``/``feature_dim``; for ``infopro`` the keyword
     arguments of :class:`lla.aux.infopro.InfoProRule` (head config, loss, the module's lambda weights, ...).
+    ``layout="tokens"``: a ViT token sequence of width ``channels`` on a ``spatial``-sided patch grid
+    (:func:`lla.aux.tokens.token_rule`).
     """
+    if layout == "tokens":
+        return token_rule(base, dim=channels, side=spatial, num_classes=num_classes, image_size=image_size,
+                          options=options)
     if base == "dgl":
         return DGLRule(channels, spatial, num_classes, **options)
     if base == "infopro":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from lla.backbones import cifar_resnet, imagenet_resnet, vgg
+from lla.backbones import cifar_resnet, imagenet_resnet, vgg, vit
 from lla.backbones.base import Backbone, LayerSpec
 from lla.errors import ConfigError
 
@@ -13,6 +13,7 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
     **cifar_resnet.CONSTRUCTORS,
     **imagenet_resnet.CONSTRUCTORS,
     **vgg.CONSTRUCTORS,
+    **vit.CONSTRUCTORS,
 }
 
 

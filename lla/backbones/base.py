@@ -27,7 +27,10 @@ class LayerSpec:
     out_channels: int
     stride: int  # this layer's own spatial reduction factor
     reduction: int  # total reduction from the input image after this layer (product of strides)
-    kind: str  # "stem" | "basic" | "bottleneck" | "conv"
+    kind: str  # "stem" | "basic" | "bottleneck" | "conv" | "patch_embed" | "transformer"
+    # What the layer outputs: "map" (B, C, H, W) or "tokens" (B, 1 + H*W, C): a class token then the patch grid
+    # in row-major order, C = out_channels, H = W = spatial_size (docs/vit.md#token-layers)
+    layout: str = "map"
 
 
 def make_specs(rows: list[tuple[int, int, int, int, int, str]]) -> list[LayerSpec]:

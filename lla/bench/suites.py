@@ -3,7 +3,8 @@
 ``default`` is issue 7's suite (``make bench``): ResNet-32 K=16 and ResNet-110 K=55 at 32x32, batch 64, for every
 method; ImageNet ResNet-101 K=2 (e2e, infopro, man) and ResNet-34 K=16 (auglocal, mlaan) at 224x224, batch 8;
 ResNet-32 K=16 again under bf16-mixed and channels_last, and with the memory options (``method.aux_checkpoint``,
-then also ``backbone.fused_bn_relu``), to show what each does. Every group carries its own E2E row, for the ratios.
+then also ``backbone.fused_bn_relu``), to show what each does; ViT-S K=4 (e2e, man) at 224x224, batch 8, and
+every ViT method in ``vit``. Every group carries its own E2E row, for the ratios.
 """
 
 from __future__ import annotations
@@ -47,12 +48,22 @@ def _imagenet(backbone: str, k: int, methods: dict[str, tuple], batch: int = 8):
     return [BenchConfig(m, backbone, k, batch, 224, opts) for m, opts in methods.items()]
 
 
+# ViT-S K=4 at 224x224, batch 8: MAN++'s ImageNet ViT setting (docs/vit.md#memory). MAN on DGL, as MAN++'s ViT code.
+VIT_METHODS: dict[str, tuple] = {"e2e": (), "dgl": (), "infopro": (), "man": (("base", "dgl"),), "mlaan": ()}
+
+
+def vit_suite() -> list[BenchConfig]:
+    """Every method that runs on ViTs, on ViT-S K=4 (``lla-bench --suite vit``)."""
+    return _imagenet("vit_small", 4, VIT_METHODS)
+
+
 def default_suite() -> list[BenchConfig]:
     return [
         *_cifar("resnet32", 16, depth=2),
         *_cifar("resnet110", 55, depth=3),
         *_imagenet("resnet101", 2, {"e2e": (), "infopro": (), "man": (("base", "infopro"),)}),
         *_imagenet("resnet34", 16, {"e2e": (), "auglocal": (("depth", 4),), "mlaan": ()}),
+        *_imagenet("vit_small", 4, {m: VIT_METHODS[m] for m in ("e2e", "man")}),  # the rest: --suite vit
         # bf16 has no hardware support on an AVX2-only CPU (emulated, 10-15x slower): two methods show the memory
         # effect; every method runs under bf16 in `lla-bench --methods ... --precision bf16-mixed`.
         *_cifar("resnet32", 16, depth=2, precision="bf16-mixed", methods=("e2e", "dgl")),
@@ -77,4 +88,4 @@ def hpff_suite() -> list[BenchConfig]:
             *(BenchConfig("hpff", "resnet32", 16, 64, 32, (("base", base),)) for base in ("dgl", "infopro"))]
 
 
-SUITES = {"default": default_suite, "quick": quick_suite, "hpff": hpff_suite}
+SUITES = {"default": default_suite, "quick": quick_suite, "hpff": hpff_suite, "vit": vit_suite}

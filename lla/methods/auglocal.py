@@ -38,6 +38,9 @@ class AugLocal(LocalLearner):
                  pyramid_coeff: float = 0.5, k_minus_d: bool | None = None, widen: float = 1.0,
                  variant: str = "auto", **kwargs):
         self.mode, self.switches = mode, resolve_mode(mode, {}, PAPER_MODE, REFERENCE_MODE)
+        if getattr(backbone, "family", "") == "vit":  # docs/vit.md#methods
+            raise ConfigError("method", f"AugLocal's aux nets are conv layers and pooling heads; {backbone.name} "
+                              "outputs token sequences", "dgl, infopro, man, mlaan, e2e")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ConfigError("method.depth", f"aux-net depth must be a whole number, got {depth!r}", "0, 1, 2, ...")
         for key, value in (("pyramid", pyramid), ("k_minus_d", k_minus_d)):

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lla.aux.dgl import DGL_HEADS
 from lla.aux.rules import DGLRule
+from lla.aux.tokens import TokenCERule, is_tokens
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
 from lla.methods.modes import resolve_mode
@@ -31,6 +32,8 @@ class DGL(LocalLearner):
 
     def build_aux(self, k: int) -> nn.Module:
         channels, spatial = self.module_output_shape(k)
+        if is_tokens(self.module_output_spec(k)):  # ViT: MAN++'s class-token classifier (docs/vit.md#aux-nets)
+            return TokenCERule(channels, self.num_classes)
         return DGLRule(channels, spatial, self.num_classes, self.head_kind, self.feature_dim)
 
     def local_loss(self, k: int, h: Tensor, batch) -> Tensor:

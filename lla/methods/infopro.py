@@ -35,6 +35,7 @@ from lla.aux.infopro import (
     load_presets,
     stage_index_lambdas,
 )
+from lla.aux.tokens import is_tokens, token_rule
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
 from lla.methods.modes import resolve_mode
@@ -103,6 +104,10 @@ class InfoPro(LocalLearner):
     def build_aux(self, k: int) -> nn.Module:
         channels, spatial = self.module_output_shape(k)
         lam1, lam2 = self.lambdas(k)
+        if is_tokens(self.module_output_spec(k)):  # ViT: decoder on the patch grid, class-token head (docs/vit.md#aux-nets)
+            return token_rule("infopro", dim=channels, side=spatial, num_classes=self.num_classes,
+                              image_size=self.image_size, options=dict(loss=self.loss_kind, lam1=lam1, lam2=lam2,
+                              widen=self.widen, feature_dim=self.feature_dim, variant=self.variant))
         return InfoProRule(channels, spatial, self.num_classes, self.image_size, head=self.head_kind,
                            loss=self.loss_kind, lam1=lam1, lam2=lam2, widen=self.widen,
                            feature_dim=self.feature_dim, variant=self.variant)

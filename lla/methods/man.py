@@ -18,6 +18,8 @@ Switchable where the reference looks unintended (docs/reference-code.md#man-init
   init loop re-draws both copies (independently) after the deepcopy: here a fresh ``backbone.make_block``.
 * ``lambda_schedule``: ``stage_index`` (MAN reproduction) or ``module_index`` (InfoPro's own schedule).
 * ``learnable_scale``: MAN++'s ``y = s*LB(h) + (2-s)*EMA(h)`` with a learnable scalar s per module, init 1.
+* ``aux_depth`` (default 1): how many blocks of the network from B_next on the aux path copies; copies after the first
+  are plain trainable blocks applied to y. MAN++'s ViT code uses 2 (docs/vit.md#aux-nets).
 * ImageNet (docs/methods/man.md#imagenet): the reference hard-codes ``5*BCE + 0.75*CE``; here ixx/ixy apply, and the default ``ixy_1``
   (null) resolves to 0.75 on ImageNet backbones and 0.5 (MAN README) elsewhere, so defaults give the same loss.
 """
@@ -50,10 +52,12 @@ class MomentumAux(nn.Module):
 
     recompute: bool = False  # method.aux_checkpoint: each copy stores only h (lla.recompute)
 
-    def __init__(self, lb: nn.Module, ema: nn.Module, rule: LocalRule, learnable_scale: bool = False):
+    def __init__(self, lb: nn.Module, ema: nn.Module, rule: LocalRule, learnable_scale: bool = False,
+                 tail: list[nn.Module] | None = None):
         super().__init__()
         self.lb, self.ema, self.rule = lb, ema, rule
         self.scale = nn.Parameter(torch.ones(())) if learnable_scale else None
+        self.tail = nn.ModuleList(tail) if tail else None  # aux_depth > 1: trainable copies run after the mix
 
     @property
     def needs_x01(self) -> bool:
@@ -67,7 +71,10 @@ class MomentumAux(nn.Module):
         return self.scale * lb + (2.0 - self.scale) * ema  # MAN++ (docs/methods/man.md#learnable-bias)
 
     def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
-        return self.rule(self.augment(h), y, x01)
+        z = self.augment(h)
+        for block in self.tail or ():
+            z = run_segment(block, z, self.recompute)
+        return self.rule(z, y, x01)
 
 
 class MAN(LocalLearner):
@@ -78,7 +85,7 @@ class MAN(LocalLearner):
     def __init__(self, *args, base: str = "infopro", ema_momentum: float = 0.995, mode: str = "paper",
                  init_from_target: bool | None = None, lambda_schedule: str = "stage_index", ixx_1: float = 5.0, ixy_1: float | None = None,
                  ixx_2: float = 0.0, ixy_2: float = 0.0, head: str | None = None, loss: str = "ce",
-                 feature_dim: int = 128, widen: int = 1, learnable_scale: bool = False, **kwargs):
+                 feature_dim: int = 128, widen: int = 1, learnable_scale: bool = False, aux_depth: int = 1, **kwargs):
         backbone = args[0] if args else kwargs.get("backbone")
         self.mode = mode
         self.switches = resolve_mode(mode, {"init_from_target": init_from_target, "lambda_schedule": lambda_schedule,
@@ -94,6 +101,9 @@ class MAN(LocalLearner):
         self.base, self.lambda_schedule, self.head_kind = base, lambda_schedule, self.base_rule.head
         self.ema_momentum = check_momentum(ema_momentum)
         self.learnable_scale = bool(learnable_scale)
+        if isinstance(aux_depth, bool) or not isinstance(aux_depth, int) or aux_depth < 1:
+            raise ConfigError("method.aux_depth", f"must be an integer >= 1, got {aux_depth!r}", "1 (MAN), 2 (MAN++ ViT)")
+        self.aux_depth = aux_depth
         self.lambdas: list[tuple[float, float]] = []  # (lam1, lam2) per local module; empty for base dgl
         self.remote_block = None  # trainer=pipeline sets it: k -> the (delayed) B_next of module k, or None
         super().__init__(*args, **kwargs)
@@ -112,12 +122,20 @@ class MAN(LocalLearner):
             lb, ema = self._fresh_block(idx), make_ema_copy(self._fresh_block(idx))
         for p in lb.parameters():
             p.requires_grad_(True)
+        last = idx + self.aux_depth - 1  # aux_depth > 1: copies of the blocks after B_next too
+        if last > self.backbone.num_layers - 1:
+            raise ConfigError("method.aux_depth", f"module {k}'s aux path would copy layers {idx}..{last}, but "
+                              f"{self.backbone.name} ends at layer {self.backbone.num_layers - 1}",
+                              f"1..{self.backbone.num_layers - idx}")
+        tail = [copy.deepcopy(self.backbone.layers[i]).requires_grad_(True) if self.init_from_target
+                else self._fresh_block(i) for i in range(idx + 1, last + 1)]
         # The rule sees B_next's output: 2x channels and half the size when B_next opens a stage (docs/methods/man.md#next-block).
-        channels = self.backbone.specs[idx].out_channels
-        spatial = self.backbone.spatial_size(idx, self.image_size)
+        channels = self.backbone.specs[last].out_channels
+        spatial = self.backbone.spatial_size(last, self.image_size)
         rule = make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
-                         image_size=self.image_size, options=self._rule_options(k, idx))
-        return MomentumAux(lb, ema, rule, self.learnable_scale)
+                         image_size=self.image_size, options=self._rule_options(k, idx),
+                         layout=self.backbone.specs[last].layout)
+        return MomentumAux(lb, ema, rule, self.learnable_scale, tail)
 
     def _fresh_block(self, idx: int) -> nn.Module:
         """A newly initialised block with B_next's architecture, drawn with the backbone's own init scheme."""
@@ -164,5 +182,6 @@ class MAN(LocalLearner):
     def describe(self) -> dict:
         out = super().describe()
         out.update(base=self.base, mode=self.mode, ema_momentum=self.ema_momentum, init_from_target=self.init_from_target,
-                   lambda_schedule=self.lambda_schedule, learnable_scale=self.learnable_scale, lambdas=[list(w) for w in self.lambdas])
+                   lambda_schedule=self.lambda_schedule, learnable_scale=self.learnable_scale,
+                   aux_depth=self.aux_depth, lambdas=[list(w) for w in self.lambdas])
         return out

@@ -45,6 +45,7 @@ from lla.aux.dgl import DGL_HEADS
 from lla.aux.lam import DEFAULT_DEPTH, LAMNet, LinearRule, copy_lam_blocks, lam_lists, lam_output_shape
 from lla.aux.plugin import BaseRule, check_bool, nominal_k
 from lla.aux.rules import LocalRule, make_rule
+from lla.aux.tokens import TokenCERule
 from lla.ema import check_momentum, ema_update
 from lla.engine import LocalLearner
 from lla.errors import ConfigError
@@ -155,12 +156,15 @@ class MLAAN(LocalLearner):
         layers = self.lam_layers[k]
         lam_c, lam_s = lam_output_shape(self.backbone, layers, channels, spatial)
         mlm = self._rule(self.head_kind, channels, spatial, k)
-        lam_rule = LinearRule(lam_c, self.num_classes) if self.lam_head == "linear" else \
+        lam_rule = self._rule("linear", lam_c, lam_s, k) if self.lam_head == "linear" else \
             self._rule(self.head_kind, lam_c, lam_s, k)
         blocks, ema = copy_lam_blocks(self.backbone, layers, self.lam_init_from_primary)
         return MLAANAux(mlm, LAMNet(blocks, ema, lam_rule))
 
     def _rule(self, head: str, channels: int, spatial: int, k: int) -> LocalRule:
+        layout = self.module_output_spec(k).layout  # ViT tokens: class-token heads (docs/vit.md#aux-nets)
+        if head == "linear" and layout == "tokens":
+            return TokenCERule(channels, self.num_classes)
         if self.base == "dgl":
             if head == "linear":  # resnetMLAAN.py: GAP + Linear
                 return LinearRule(channels, self.num_classes)
@@ -171,7 +175,7 @@ class MLAAN(LocalLearner):
             # ImageNet nets of docs/methods/infopro.md do not apply.
             options = self.base_rule.options(head, self._lambdas(k), variant="cifar")
         return make_rule(self.base, channels=channels, spatial=spatial, num_classes=self.num_classes,
-                         image_size=self.image_size, options=options)
+                         image_size=self.image_size, options=options, layout=layout)
 
     def _lambdas(self, k: int) -> tuple[float, float]:
         """InfoPro weights of module k; the same pair for both heads (resnetInfoProbin.py)."""
