@@ -44,7 +44,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lla.compat import non_persistent_buffer_names
+from lla.compat import disable_sigterm_broadcast, non_persistent_buffer_names
 from lla.distributed import LocalDDPStrategy, broadcast_module_states, broadcast_tensors
 from lla.errors import ConfigError
 
@@ -454,6 +454,10 @@ class PipelineStrategy(LocalDDPStrategy):
 
     def configure_ddp(self) -> None:
         model = self.lightning_module
+        # Lightning broadcasts its SIGTERM flag from rank 0 before every training batch: a collective that makes the
+        # stages meet once per batch and so run one after the other. Stop signals are agreed by lla's Preemption
+        # callback instead, without stalling the pipeline (agree_lag).
+        disable_sigterm_broadcast(model.trainer)
         broadcast_module_states(self.model)  # every stage starts from rank 0's weights
         self.grad_sync = None
         N = self.world_size

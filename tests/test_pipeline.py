@@ -280,3 +280,39 @@ def test_every_stage_stops_after_the_same_batch(tmp_path, signal_rank=1):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     lag = 2 + DEPTH
     assert results == [{"step": 6 + lag, "stopped": "preempted", "lag": lag}] * 2
+
+
+# ---------------------------------------------------------------------------------------------------- overlap
+def _overlap_worker(rank: int, world: int, out: str) -> None:
+    import json
+
+    class SlowLastStage(L.Callback):  # stage 1 takes >= 1 s a batch; stage 0's tiny modules take milliseconds
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1:
+                time.sleep(1.0)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.ends.append(time.time())
+
+    torch.set_num_threads(1)
+    stamps = SlowLastStage()
+    # a plain Trainer, none of lla's callbacks: the strategy alone must keep the stages from pacing each other
+    trainer(devices=world, strategy=PipelineStrategy(stage_boundaries=[0, 2], depth=DEPTH), callbacks=[stamps],
+            max_epochs=1, precision="32-true").fit(build("dgl"), loader())
+    Path(out, f"rank{rank}.json").write_text(json.dumps(stamps.ends))
+
+
+@pytest.mark.slow
+def test_stage_0_runs_ahead_of_a_slow_last_stage(tmp_path):
+    """Stage 0 finishes batch 1 (its sends of batches 0 and 1 in flight, depth 2) before the slow last stage has
+    finished batch 0: nothing makes the stages meet once per batch (Lightning's own per-batch SIGTERM broadcast did,
+    which ran the two stages one after the other)."""
+    import json
+
+    spawn(_overlap_worker, 2, (str(tmp_path),), timeout_s=120, threads=1)
+    first, last = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert len(first) == len(last) == BATCHES
+    assert first[1] < last[0], f"stage 0 ended batch 1 {first[1] - last[0]:+.2f} s after stage 1 ended batch 0"
