@@ -4,8 +4,8 @@
 What is compiled, per model:
 
 * each local module's forward (its backbone layers, one graph per module: :func:`module_runners`); the engine's
-  ``forward_module`` calls it, so methods that override ``forward_module`` and call ``super()`` (MLAAN's cascade)
-  run compiled modules too;
+  ``run_module`` calls it, also for the modules a spanning loss (MLAAN's and HPFF's cascades) runs again, so those
+  run compiled too;
 * each aux net's forward (``model.aux[k]``), or, for an aux container that has no forward of its own (MLAAN's
   MLM head + LAM net), each of its parts; a rule's forward usually ends in its loss, so the loss is in the graph;
 * the classifier head the last module's loss goes through.

@@ -186,7 +186,19 @@ class LocalLearner(L.LightningModule):
         return 1
 
     def forward_module(self, k: int, x: Tensor) -> Tensor:
-        """Run module k's layers on its (detached) input."""
+        """Run module k on its (detached) input. A loss that reaches s = ``span(k)`` > 1 modules (MLAAN, HPFF) needs
+        their graph: inside a training step ``step_inputs`` holds the inputs of the last s modules, and modules
+        k-s+1..k run again from the oldest of them (the same values as before, now with graph)."""
+        s, kept = self.span(k), self.step_inputs
+        if s > 1 and len(kept) >= s and kept[-1] is x:
+            h = kept[-s]
+            for j in range(k - s + 1, k + 1):
+                h = self.run_module(j, h)
+            return h
+        return self.run_module(k, x)
+
+    def run_module(self, k: int, x: Tensor) -> Tensor:
+        """Module k's layers (one compiled graph with ``compile=true``) on x."""
         if self.compiled_modules is not None:
             return self.compiled_modules[k](x)
         for i in self.module_layers(k):

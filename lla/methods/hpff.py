@@ -160,16 +160,6 @@ class HPFF(LocalLearner):
         return HPFFAux(independent, cascade)
 
     # ------------------------------------------------------------------ step hooks
-    def forward_module(self, k: int, x: Tensor) -> Tensor:
-        """Recompute modules k-span+1..k with graph from the detached input the engine kept (same values)."""
-        s, kept = self.span(k), self.step_inputs
-        if s == 1 or len(kept) < s or kept[-1] is not x:  # not inside a training step: plain forward
-            return super().forward_module(k, x)
-        h = kept[-s]
-        for j in range(k - s + 1, k + 1):
-            h = super().forward_module(j, h)
-        return h
-
     def local_loss(self, k: int, h: Tensor, batch) -> Tensor:
         if k < self.first_loss:
             self.handoff = None
