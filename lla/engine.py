@@ -208,6 +208,36 @@ class LocalLearner(L.LightningModule):
     def backward_local(self, k: int, loss: Tensor) -> None:
         self.manual_backward(loss)
 
+    # ------------------------------------------------------------------ spanning losses (MLAAN, HPFF)
+    def layer_params(self, k: int) -> list[nn.Parameter]:
+        """Module k's trainable backbone parameters: its layers only (not its aux net, nor the head)."""
+        return [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
+
+    def head_grads(self, cut: Tensor, losses: list[Tensor | None]) -> list[Tensor | None]:
+        """Back-propagate each loss alone down to ``cut`` (module k's output, a leaf that requires grad): each one
+        fills its own head's parameter gradients, and its gradient on ``cut`` is returned (None for a None loss)."""
+        grads: list[Tensor | None] = []
+        for loss in losses:
+            if loss is None:
+                grads.append(None)
+                continue
+            self.manual_backward(loss)
+            grads.append(cut.grad)
+            cut.grad = None
+        return grads
+
+    def backward_span(self, k: int, h: Tensor, grad: Tensor, cascade: Tensor | None = None) -> None:
+        """Back-propagate module k's output gradient through the modules its loss reaches. ``grad`` (all of it)
+        reaches module k's weights; ``cascade`` (the share a spanning loss sends on; None: all of ``grad``) goes on
+        through module k, input gradients only, into modules k-span+1..k-1. Module k's backward runs twice then,
+        once for weights and inputs and once for inputs alone, instead of twice both; every graph is freed."""
+        if cascade is None or self.span(k) == 1:
+            h.backward(grad)
+            return
+        torch.autograd.backward(h, grad, inputs=self.layer_params(k), retain_graph=True)
+        upstream = [p for j in range(k - self.span(k) + 1, k) for p in self.layer_params(j)]
+        torch.autograd.backward(h, cascade, inputs=upstream)
+
     def after_backward(self, k: int) -> None:
         """Runs right after loss k's backward, before any optimizer step of this batch touches module k+1; only on
         batches where the modules step (with gradient accumulation, once per window)."""

@@ -167,7 +167,7 @@ class ReachProbe(HPFF):
         self.reach.append((k, sorted(changed)))
         if handoff is not None:
             try:
-                torch.autograd.backward(handoff.h, torch.ones_like(handoff.h), inputs=self._layer_params(k))
+                torch.autograd.backward(handoff.h, torch.ones_like(handoff.h), inputs=self.layer_params(k))
                 self.freed.append(False)
             except RuntimeError:
                 self.freed.append(True)

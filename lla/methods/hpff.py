@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -186,30 +185,11 @@ class HPFF(LocalLearner):
             return
         if handoff.k != k:
             raise RuntimeError(f"HPFF: backward_local({k}) received module {handoff.k}'s losses")
-        h, cut = handoff.h, handoff.cut
-        grads = []
-        for part in (handoff.x, handoff.y):  # each head alone: its parameter gradients and its gradient on h_k
-            if part is None:
-                grads.append(None)
-                continue
-            self.manual_backward(part)
-            grads.append(cut.grad)
-            cut.grad = None
-        gx, gy = grads
+        gx, gy = self.head_grads(handoff.cut, [handoff.x, handoff.y])
         total = gy if gx is None else (gx if gy is None else gx + gy)
-        if self.span(k) == 1 or gy is None:
-            h.backward(total)
-            return
-        # Module k's weights take gx + gy in one pass (retaining the graph), then the cascaded share alone goes
-        # through module k (input gradients only) into module k-1, which frees every graph.
-        own = self._layer_params(k)
-        torch.autograd.backward(h, total, inputs=own, retain_graph=True)
-        upstream = [p for j in range(k - self.span(k) + 1, k) for p in self._layer_params(j)]
-        torch.autograd.backward(h, gy * handoff.y_share if handoff.y_share != 1.0 else gy, inputs=upstream)
-
-    def _layer_params(self, k: int) -> list[nn.Parameter]:
-        """Module k's backbone parameters (its blocks; the heads' backward already reached its aux nets)."""
-        return [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
+        # module k's weights take gx + gy; the cascaded share of gy alone goes on into module k-1
+        cascade = None if gy is None else (gy * handoff.y_share if handoff.y_share != 1.0 else gy)
+        self.backward_span(k, handoff.h, total, cascade)
 
     def describe(self) -> dict:
         out = super().describe()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -214,33 +213,16 @@ class MLAAN(LocalLearner):
             return
         if handoff.k != k:
             raise RuntimeError(f"MLAAN: backward_local({k}) received module {handoff.k}'s losses")
-        h, cut = handoff.h, handoff.cut
-        grads = []
-        for w, part in handoff.heads:  # each head alone: its parameter gradients, and its gradient on h_k
-            self.manual_backward(w * part)
-            grads.append(cut.grad)
-            cut.grad = None
+        h = handoff.h
+        grads = self.head_grads(handoff.cut, [w * part for w, part in handoff.heads])
         if handoff.x_share is not None:  # the final module: one head, split into its x and y shares
             gx = grads[0] * handoff.x_share
             grads = [gx, grads[0] - gx] if handoff.x_share > 0 else [None, grads[0]]
         gx, gy = grads
-        if self.span(k) == 1:
-            h.backward(gy if gx is None else gx + gy)
-            return
-        if gx is None:
-            h.backward(gy)  # the cascade alone: modules k-span+1..k
-            return
-        # Module k's weights take gx + gy in one pass; the cascade then carries gy alone through module k (input
-        # gradients only: module k's weights are not asked for) into the modules before it, freeing every graph.
-        # Backward through module k: weight + input gradients once, input gradients once more, instead of twice both.
-        own = self._module_params(k)
-        torch.autograd.backward(h, gx + gy, inputs=own, retain_graph=True)
-        upstream = [p for j in range(k - self.span(k) + 1, k) for p in self._module_params(j)]
-        torch.autograd.backward(h, gy, inputs=upstream)
-
-    def _module_params(self, k: int) -> list[nn.Parameter]:
-        """Module k's backbone parameters (its blocks; not its aux nets, which the heads' backward already reached)."""
-        return [p for i in self.module_layers(k) for p in self.backbone.layers[i].parameters() if p.requires_grad]
+        if gx is None:  # the cascade alone: modules k-span+1..k
+            self.backward_span(k, h, gy)
+        else:  # module k's weights take gx + gy; the cascade carries gy alone into the modules before it
+            self.backward_span(k, h, gx + gy, gy)
 
     def after_backward(self, k: int) -> None:
         """EMA_k <- m EMA_k + (1-m) source, before the source block's module steps in this batch (docs/methods/mlaan.md)."""
