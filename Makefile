@@ -28,7 +28,9 @@ test-fast: install
 
 # Memory for every row (exact), step times per row; then step / E2E measured interleaved (stable on a shared host),
 # plain (8 rounds: the ratios the targets are judged on), with both memory options, and in channels_last; then
-# module-parallel training, 2 stages against one process (docs/pipeline.md). About 7 minutes on an idle 2-core CPU.
+# module-parallel training, 2 stages against one process (docs/pipeline.md); then the compile=true rows.
+# About 15 minutes on an idle 2-core CPU with an empty Inductor cache (the compile rows take about 8 of them; a
+# warm cache, /tmp/torchinductor_<user>, saves most of their compile time).
 bench: install
 	$(PY) -m lla.bench.cli --suite default --steps 2 --json bench/results.json --markdown bench/results.md --plot bench/results.png
 	$(PY) -m lla.bench.interleaved --rounds 8 --json bench/interleaved.json --markdown bench/interleaved.md
@@ -38,11 +40,12 @@ bench: install
 		--markdown bench/interleaved_cl.md
 	$(PY) -m lla.bench.cli --pipeline 2 --threads 1 --methods dgl,infopro --backbone resnet32 --k 16 --batch-size 64 \
 		--steps 10 --warmup 3 --json bench/pipeline.json --markdown bench/pipeline.md
+	$(MAKE) --no-print-directory bench-compile
 
-# compile=true rows (docs/compile.md), plain and lean, E2E compiled and eager. Kept out of `make bench`: Inductor
-# compiles every module, aux net and E2E on the first steps, which takes most of an hour on a cold 2-core CPU.
+# compile=true rows alone (docs/compile.md#speed): every method and E2E compiled per module and aux net, beside an
+# eager E2E, plain and lean. Compile time is spent in untimed warm-up steps and reported per row.
 bench-compile: install
-	$(PY) -m lla.bench.interleaved --rounds 4 --compile --json bench/interleaved_compile.json \
+	$(PY) -m lla.bench.interleaved --rounds 6 --compile --json bench/interleaved_compile.json \
 		--markdown bench/interleaved_compile.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --compile --options aux_checkpoint=true,backbone.fused_bn_relu=true \
 		--json bench/interleaved_compile_lean.json --markdown bench/interleaved_compile_lean.md

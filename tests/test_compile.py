@@ -208,23 +208,27 @@ def test_bad_compile_options_are_one_line_errors(override, key):
 
 @pytest.mark.slow
 def test_interleaved_bench_reports_compile_time_apart_from_step_time():
-    """lla.bench.interleaved --compile: an eager E2E first (the yardstick), then E2E and the method compiled; the
-    compile happens in warm-up steps of each compiled row, reported as compile_s, and no timed step holds it."""
+    """lla.bench.interleaved --compile: every row eagerly (the yardsticks), then E2E and the method compiled; the
+    compile happens in warm-up steps of each compiled row, reported as compile_s, and no timed step holds it. Each
+    compiled row is also divided by its own eager twin (does compiling pay?)."""
     from lla.bench.interleaved import compiled_markdown, measure
     from lla.bench.runner import BenchConfig
 
     rows = measure([BenchConfig("e2e", "resnet20", K, BATCH, SIZE), BenchConfig("dgl", "resnet20", K, BATCH, SIZE)],
                    rounds=2, warmup=0, device="cpu", compile_mode="default", compile_warmup=2)
-    assert [(r["method"], r["compiled"]) for r in rows] == [("e2e", False), ("e2e", True), ("dgl", True)]
-    eager_e2e, e2e, dgl = rows
-    assert eager_e2e["compile_s"] is None and eager_e2e["compile_graphs"] is None
+    assert [(r["method"], r["compiled"]) for r in rows] == [("e2e", False), ("dgl", False), ("e2e", True),
+                                                            ("dgl", True)]
+    eager_e2e, eager_dgl, e2e, dgl = rows
+    assert eager_e2e["compile_s"] is None and eager_e2e["compile_graphs"] is None and eager_dgl["vs_eager"] is None
     for r in (e2e, dgl):
         assert r["compile_graphs"] >= 2 and r["compile_s"] > 0, r
         assert len(r["step_times_s"]) == 2 and max(r["step_times_s"]) < r["compile_s"]  # compiling is not timed
     assert dgl["time_vs_e2e"] == pytest.approx(dgl["step_time_s"] / e2e["step_time_s"])
     assert dgl["time_vs_plain_e2e"] == pytest.approx(dgl["step_time_s"] / eager_e2e["step_time_s"])
+    assert dgl["vs_eager"] == pytest.approx(dgl["step_time_s"] / eager_dgl["step_time_s"])
+    assert e2e["vs_eager"] == pytest.approx(e2e["step_time_s"] / eager_e2e["step_time_s"])
     text = compiled_markdown(rows, "test")
-    assert "compile_mode=default" in text and text.count("\n| ") == 4  # header + 3 rows
+    assert "compile_mode=default" in text and text.count("\n| ") == 5  # header + 4 rows
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ the ratios are stable (two runs agree within ~5%). Compared with the references'
     python -m lla.bench.interleaved --json bench/interleaved.json --markdown bench/interleaved.md
     python -m lla.bench.interleaved --options aux_checkpoint=true,backbone.fused_bn_relu=true
     python -m lla.bench.interleaved --channels-last
-    python -m lla.bench.interleaved --compile      # compile=true rows (E2E compiled too) beside an eager E2E
+    python -m lla.bench.interleaved --compile      # compile=true rows (E2E compiled too) beside eager twins
 
 Compiled rows compile during ``--compile-warmup`` steps of their own before the rounds start: the compile time is
 reported per row (``compile_s``, ``compile_graphs``) and never counted in the step times.
@@ -44,7 +44,8 @@ def detach_from_trainer(model) -> None:
 
 
 def measure(configs: list[BenchConfig], rounds: int = 7, warmup: int = 1, device: str = "auto",
-            channels_last: bool = False, compile_mode: str | None = None, compile_warmup: int = 2) -> list[dict]:
+            channels_last: bool = False, compile_mode: str | None = None, compile_warmup: int = 2,
+            eager_twins: bool = True) -> list[dict]:
     """Median step time of each config over ``rounds`` interleaved rounds (the first ``warmup`` dropped).
 
     ``channels_last``: every config runs in NHWC, and a plain (NCHW) E2E is timed beside them as the yardstick the
@@ -52,11 +53,14 @@ def measure(configs: list[BenchConfig], rounds: int = 7, warmup: int = 1, device
 
     ``compile_mode``: every config (E2E included) is compiled per module and aux net (lla.compile) and warmed up
     for ``compile_warmup`` steps before the rounds (its compile time is reported, not timed); an eager E2E runs
-    beside them as the second yardstick."""
+    beside them as the second yardstick. With ``eager_twins`` every method runs eagerly too, in the same rounds, so
+    each compiled row also gets ``vs_eager``: its step over its own eager twin's (does compiling pay?)."""
     dev = resolve_device(device)
     compiled = compile_mode is not None
     plans = [(cfg, channels_last, compiled) for cfg in configs]
-    if channels_last or compiled:
+    if compiled and eager_twins:
+        plans = [(cfg, channels_last, False) for cfg in configs] + plans
+    elif channels_last or compiled:
         plans.insert(0, (next(c for c in configs if c.method == "e2e"), False, False))
     models = []
     for cfg, nhwc, comp in plans:
@@ -98,7 +102,10 @@ def measure(configs: list[BenchConfig], rounds: int = 7, warmup: int = 1, device
                      "compile_graphs": comp_figures["graphs"] if comp_figures else None,
                      "compile_warmup_s": comp_figures["warmup_s"] if comp_figures else None})
     e2e = {(r["channels_last"], r["compiled"]): r["step_time_s"] for r in rows if r["method"] == "e2e"}
+    eager = {(r["method"], repr(r["options"])): r["step_time_s"] for r in rows if not r["compiled"]}
     for row in rows:
+        twin = eager.get((row["method"], repr(row["options"]))) if row["compiled"] else None
+        row["vs_eager"] = row["step_time_s"] / twin if twin else None
         row["time_vs_e2e"] = row["step_time_s"] / e2e[row["channels_last"], row["compiled"]]  # same layout/compile
         row["time_vs_plain_e2e"] = row["step_time_s"] / e2e[False, False]  # the references' yardstick
         target = find_target({**row, "channels_last": False})
@@ -149,12 +156,14 @@ def compiled_markdown(rows: list[dict], where: str) -> str:
     the reference's overhead (its E2E is eager PyTorch); compile time per row, not in the step times."""
     mode = next(r["compile_mode"] for r in rows if r.get("compiled"))
     lines = [f"#### Interleaved step times, compile=true (compile_mode={mode}): {where}\n",
-             "Every row but the first is compiled per module and aux net, E2E too. \"x E2E\" divides by the compiled "
-             "E2E, \"x eager E2E\" by the eager one (first row); lla / reference divides each by the reference's own "
-             "step / E2E. Compile time is spent in warm-up steps before the rounds and is not in any step time.\n",
+             "Compiled rows are compiled per module and aux net, E2E too; eager rows run beside them in the same rounds. "
+             "\"x E2E\" divides by the E2E of the same kind (compiled or eager), \"x eager E2E\" by the eager one; "
+             "lla / reference divides each by the reference's own step / E2E; \"x eager\" is a compiled row's step "
+             "over its own eager twin's (under 1: compiling pays). Compile time is spent in warm-up steps before the "
+             "rounds and is not in any step time.\n",
              "| method | compiled | options | modules | step s | x E2E | x eager E2E | reference x E2E "
-             "| lla / reference (vs compiled E2E) | lla / reference (vs eager E2E) | compile s | graphs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| lla / reference (vs compiled E2E) | lla / reference (vs eager E2E) | x eager | compile s | graphs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = ",".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         ref = "-" if r["reference_time_vs_e2e"] is None else f"{r['reference_time_vs_e2e']:.2f}"
@@ -162,9 +171,10 @@ def compiled_markdown(rows: list[dict], where: str) -> str:
         eager = "-" if r["vs_reference"] is None or r["method"] == "e2e" else f"{r['vs_reference']:.2f}"
         comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
         graphs = "-" if r["compile_graphs"] is None else str(r["compile_graphs"])
+        twin = "-" if r.get("vs_eager") is None else f"{r['vs_eager']:.2f}"
         lines.append(f"| {r['method']} | {'yes' if r['compiled'] else 'no'} | {opts} | {r['modules']} | "
                      f"{r['step_time_s']:.3f} | {r['time_vs_e2e']:.2f} | {r['time_vs_plain_e2e']:.2f} | {ref} | "
-                     f"{same} | {eager} | {comp} | {graphs} |")
+                     f"{same} | {eager} | {twin} | {comp} | {graphs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="compile=true rows (E2E too) beside an eager E2E")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode of --compile (lla.compile.MODES)")
     p.add_argument("--compile-warmup", type=int, default=2, help="untimed steps per compiled row before the rounds")
+    p.add_argument("--no-eager-twins", action="store_true",
+                   help="with --compile: time only an eager E2E beside the compiled rows, not every method eagerly")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -211,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile:
                 check_compile(True, args.compile_mode)
             rows = measure(configs, args.rounds, args.warmup, args.device, args.channels_last,
-                           args.compile_mode if args.compile else None, args.compile_warmup)
+                           args.compile_mode if args.compile else None, args.compile_warmup,
+                           eager_twins=not args.no_eager_twins)
         finally:
             torch.set_num_threads(threads)
     except ConfigError as err:
