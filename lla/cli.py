@@ -152,6 +152,9 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
 
     if trainer.global_rank == 0:  # one writer per run folder
         write_run_file(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=False))
+    if cfg.get("compile", False) and trainer.strategy.root_device.type == "cpu":
+        log.info("lla: compile=true on a CPU: per-module graphs measured slower than eager there for local methods "
+                 "(docs/compile.md#speed)")
     t0 = time.time()
     if resume.path:
         log.info("lla: resuming from %s (epoch %s, step %s)", resume.path, resume.epoch, resume.global_step)
