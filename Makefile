@@ -43,12 +43,15 @@ bench: install
 	$(MAKE) --no-print-directory bench-compile
 
 # compile=true rows alone (docs/compile.md#speed): every method and E2E compiled per module and aux net, beside an
-# eager E2E, plain and lean. Compile time is spent in untimed warm-up steps and reported per row.
+# eager E2E, plain and lean; then DGL and InfoPro at K=4 (modules of several blocks, where compiling pays on a CPU).
+# Compile time is spent in untimed warm-up steps and reported per row.
 bench-compile: install
 	$(PY) -m lla.bench.interleaved --rounds 6 --compile --json bench/interleaved_compile.json \
 		--markdown bench/interleaved_compile.md
 	$(PY) -m lla.bench.interleaved --rounds 4 --compile --options aux_checkpoint=true,backbone.fused_bn_relu=true \
 		--json bench/interleaved_compile_lean.json --markdown bench/interleaved_compile_lean.md
+	$(PY) -m lla.bench.interleaved --rounds 4 --compile --methods dgl,infopro --k 4 \
+		--json bench/interleaved_compile_k4.json --markdown bench/interleaved_compile_k4.md
 
 # The documentation site (mkdocs + Material + mkdocstrings) into site/; --strict fails on a broken link or page.
 docs: install

@@ -153,7 +153,7 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     if trainer.global_rank == 0:  # one writer per run folder
         write_run_file(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=False))
     if cfg.get("compile", False) and trainer.strategy.root_device.type == "cpu":
-        log.info("lla: compile=true on a CPU: per-module graphs measured slower than eager there for local methods "
+        log.info("lla: compile=true on a CPU: pays with modules of several blocks, costs with one block per module "
                  "(docs/compile.md#speed)")
     t0 = time.time()
     if resume.path:
