@@ -4,7 +4,8 @@ Tables: one per backbone (split further when asked); rows = methods, columns = d
 the mean ± sample std over seeds of the best-epoch test accuracy (what every reference script reports,
 docs/recipes.md#test-as-validation; ``--metric final`` for the last epoch, ``--error`` for test error as the papers print it). Runs that differ
 in anything but the seed (say ``trainer.max_epochs`` or ``method.ema_momentum``) never share a cell: their row label
-names the differing keys. E2E (one module) has no K, so its value appears under every K of its dataset.
+names the differing keys. E2E (one module) has no K, so its value appears under every K of its dataset. Under each
+table, the same cells' peak memory (MB, mean over seeds; CUDA peaks when every run has one, else saved activations).
 
 Plots: accuracy vs K per method, accuracy vs peak memory (CUDA ``max_memory_allocated`` when every run has it,
 otherwise lla's device-independent peak of saved activations), accuracy vs EMA momentum (MAN / MLAAN runs).
@@ -40,7 +41,7 @@ def ignored_key(key: str) -> bool:
 
 DATASET_ORDER = ("cifar10", "svhn", "stl10", "imagenet")
 DATASET_NAMES = {"cifar10": "CIFAR-10", "svhn": "SVHN", "stl10": "STL-10", "imagenet": "ImageNet"}
-METHOD_ORDER = ("e2e", "dgl", "infopro", "auglocal", "man", "mlaan")
+METHOD_ORDER = ("e2e", "dgl", "infopro", "auglocal", "man", "mlaan", "hpff")
 
 
 @dataclass
@@ -356,12 +357,34 @@ def table_rows(table: Table) -> list[list[str]]:
     return [[row] + [format_cell(table.cells.get((row, c))) for c in table.columns] for row in table.rows]
 
 
+def memory_rows(table: Table) -> tuple[str, list[list[str]]] | None:
+    """The table's peak memory per cell, MB, mean over seeds: CUDA ``max_memory_allocated`` when every run of the
+    table has it, else lla's peak of saved activations for all (one kind per table); None when no run has either."""
+    runs = [r for cell in table.cells.values() for r in cell.runs]
+    cuda = bool(runs) and all(r.peak_cuda_mb is not None for r in runs)
+    what = "peak CUDA memory (max_memory_allocated)" if cuda else "peak saved activations"
+
+    def value(cell: Cell | None) -> str:
+        vals = [] if cell is None else [v for r in cell.runs
+                                        if (v := r.peak_cuda_mb if cuda else r.peak_activation_mb) is not None]
+        return f"{statistics.fmean(vals):.1f}" if vals else ""
+
+    rows = [[row] + [value(table.cells.get((row, c))) for c in table.columns] for row in table.rows]
+    return (what, rows) if any(v for row in rows for v in row[1:]) else None
+
+
 def markdown(tables: Sequence[Table]) -> str:
+    """Each accuracy table, then the same rows and columns with the runs' peak memory (when the runs recorded it)."""
     parts = []
     for t in tables:
         head = ["method", *t.column_names]
         lines = [f"### {t.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(t)]
+        if (memory := memory_rows(t)) is not None:
+            what, rows = memory
+            lines += ["", f"#### {t.title.split(':')[0]}: {what}, MB, mean over seeds", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

@@ -112,6 +112,35 @@ def test_report_writes_markdown_csv_and_plots(runs_dir, tmp_path, capsys):
         assert data.startswith(PNG) and len(data) > 5_000, name
 
 
+def test_printed_summary_has_each_cells_peak_memory(runs_dir, tmp_path, capsys):
+    """The researcher's summary (printed and tables.md) gives each cell's memory, not only summary.csv."""
+    out = tmp_path / "report"
+    main([str(runs_dir), "--out", str(out), "--no-plots"])
+    printed = capsys.readouterr().out
+    assert "#### ResNet-32, CIFAR-10: peak saved activations, MB, mean over seeds" in printed
+    assert (out / "tables.md").read_text() in printed
+    rows = {r[0]: r[1:] for r in _md_rows(printed, memory=True)}
+    assert rows["DGL"] == ["60.0", "40.0"] and rows["E2E"] == ["120.0", "120.0"]
+    assert rows["InfoPro (contrast)"] == ["70.0", "45.0"]
+    assert {r[0]: r[1:] for r in _md_rows((out / "tables.md").read_text())}["DGL"] == ["91.00 ± 1.41 (n=2)", "87.00 ± 1.41 (n=2)"]
+    # CUDA peaks win when every run of the table has one
+    for folder in runs_dir.iterdir():
+        result = json.loads((folder / "results.json").read_text())
+        result["peak_cuda_mb"] = 2 * result["peak_activation_mb"]
+        (folder / "results.json").write_text(json.dumps(result))
+    md = markdown(build_tables(load_runs([runs_dir])))
+    assert "peak CUDA memory (max_memory_allocated), MB" in md
+    assert {r[0]: r[1:] for r in _md_rows(md, memory=True)}["DGL"] == ["120.0", "80.0"]
+
+
+def test_hpff_rows_follow_the_papers_methods(tmp_path):
+    """Rows: E2E, the methods in the papers' order, HPFF after MLAAN, then methods lla does not know, by label."""
+    for name, method in (("a", "abc"), ("h", "hpff"), ("m", "mlaan"), ("e", "e2e")):
+        write_result(tmp_path / "r", name, method=method, acc=0.9, k=1 if method == "e2e" else 4)
+    (table,) = build_tables(load_runs([tmp_path / "r"]))
+    assert [row.split()[0].lower() for row in table.rows] == ["e2e", "mlaan", "hpff", "abc"]
+
+
 def test_no_plot_with_one_point_per_line(tmp_path):
     """One K per method: no acc-vs-K plot; one momentum: no EMA plot; two methods still make a memory plot."""
     write_result(tmp_path / "r", "a", method="dgl", acc=0.9)
@@ -193,10 +222,12 @@ def test_no_results_is_an_error(tmp_path):
         report([tmp_path], tmp_path / "out")
 
 
-def _md_rows(md: str) -> list[list[str]]:
-    """Body rows of the Markdown tables (header and separator skipped)."""
-    rows = []
+def _md_rows(md: str, memory: bool = False) -> list[list[str]]:
+    """Body rows of the Markdown accuracy tables (header and separator skipped); ``memory``: of the memory tables."""
+    rows, in_memory = [], False
     for line in md.splitlines():
-        if line.startswith("| ") and not line.startswith("| method"):
+        if line.startswith("#"):
+            in_memory = line.startswith("#### ")
+        elif line.startswith("| ") and not line.startswith("| method") and in_memory == memory:
             rows.append([c.strip() for c in line.strip("|").split("|")])
     return rows
