@@ -1,4 +1,4 @@
-"""scikit-learn's 8x8 digits as upscaled RGB images (16x16 in conf/dataset/digits.yaml, 32x32 when built directly):
+"""scikit-learn's 8x8 digits as upscaled RGB images (16x16 in conf/dataset/digits.yaml, 32x32 when built directly).
 
 1,797 images, so a full run takes seconds on a CPU: the dataset for smoke tests and the quick start.
 """
