@@ -23,7 +23,7 @@ import re
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -357,16 +357,21 @@ def table_rows(table: Table) -> list[list[str]]:
     return [[row] + [format_cell(table.cells.get((row, c))) for c in table.columns] for row in table.rows]
 
 
+def memory_kind(runs: Sequence[Run]) -> tuple[str, Callable[[Run], float | None]]:
+    """One memory figure for a set of runs that are compared: CUDA ``max_memory_allocated`` when every run has it,
+    else lla's device-independent peak of saved activations for all. Returns (its name, a getter)."""
+    if runs and all(r.peak_cuda_mb is not None for r in runs):
+        return "peak CUDA memory (max_memory_allocated)", lambda r: r.peak_cuda_mb
+    return "peak saved activations", lambda r: r.peak_activation_mb
+
+
 def memory_rows(table: Table) -> tuple[str, list[list[str]]] | None:
-    """The table's peak memory per cell, MB, mean over seeds: CUDA ``max_memory_allocated`` when every run of the
-    table has it, else lla's peak of saved activations for all (one kind per table); None when no run has either."""
-    runs = [r for cell in table.cells.values() for r in cell.runs]
-    cuda = bool(runs) and all(r.peak_cuda_mb is not None for r in runs)
-    what = "peak CUDA memory (max_memory_allocated)" if cuda else "peak saved activations"
+    """The table's peak memory per cell, MB, mean over seeds (:func:`memory_kind`, one kind per table); None when no
+    run has either figure."""
+    what, mem = memory_kind([r for cell in table.cells.values() for r in cell.runs])
 
     def value(cell: Cell | None) -> str:
-        vals = [] if cell is None else [v for r in cell.runs
-                                        if (v := r.peak_cuda_mb if cuda else r.peak_activation_mb) is not None]
+        vals = [] if cell is None else [v for r in cell.runs if (v := mem(r)) is not None]
         return f"{statistics.fmean(vals):.1f}" if vals else ""
 
     rows = [[row] + [value(table.cells.get((row, c))) for c in table.columns] for row in table.rows]
@@ -498,8 +503,7 @@ def plot_acc_vs_k(runs: Sequence[Run], path: Path, metric: str = "best", error: 
 
 def plot_acc_vs_memory(runs: Sequence[Run], path: Path, metric: str = "best", error: bool = False) -> Path | None:
     """Accuracy vs peak memory, one point per (method, K), one panel per (backbone, dataset)."""
-    use_cuda = bool(runs) and all(r.peak_cuda_mb is not None for r in runs)
-    mem = (lambda r: r.peak_cuda_mb) if use_cuda else (lambda r: r.peak_activation_mb)
+    what, mem = memory_kind(runs)
     runs = [r for r in runs if mem(r) is not None and r.acc(metric) is not None]
     panels = _panels(runs)
     if not panels or len({(r.label, r.backbone, r.dataset, r.k) for r in runs}) < 2:
@@ -516,7 +520,7 @@ def plot_acc_vs_memory(runs: Sequence[Run], path: Path, metric: str = "best", er
             for x, k in zip(xs, ks):
                 ax.annotate(f"K={k}", (x, pts[k][0]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(f"{nice_backbone(backbone)}, {nice_dataset(dataset)}", fontsize=9)
-        ax.set_xlabel("peak CUDA memory MB" if use_cuda else "peak saved activations MB")
+        ax.set_xlabel(f"{what.split(' (')[0]} MB")
         ax.set_ylabel("test error %" if error else "test accuracy %")
         ax.legend(fontsize=7)
     return _save(plt, fig, path)
