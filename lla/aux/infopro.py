@@ -188,7 +188,33 @@ def imagenet_head(channels: int, out_features: int) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------------------------------------- the rule
-class InfoProRule(LocalRule):
+class InfoProObjective(LocalRule):
+    """``lam1 * BCE(decoder(decoder_input(h)), x01) + lam2 * L_y(head(h), y)``, for a subclass that builds
+    ``decoder`` (None when lam1 == 0), ``head`` (None when lam2 == 0), ``lam1``, ``lam2`` and ``loss_kind``."""
+
+    decoder: nn.Module | None
+    head: nn.Module | None
+
+    def decoder_input(self, h: Tensor) -> Tensor:
+        """What the decoder reads: the feature map itself (token rules lay tokens out on their patch grid)."""
+        return h
+
+    def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
+        loss = None
+        if self.decoder is not None:
+            if x01 is None:
+                raise ValueError(f"{type(self).__name__} with lam1 != 0 reconstructs the image: pass x01")
+            # Sigmoid + BCELoss as BCE-with-logits: the same value (the reference clamps log at -100, reached only
+            # for |logit| > 100), but stable and allowed under autocast, where BCE on probabilities is not.
+            loss = self.lam1 * F.binary_cross_entropy_with_logits(self.decoder(self.decoder_input(h)), x01)
+        if self.head is not None:
+            out = self.head(h)
+            task = F.cross_entropy(out, y) if self.loss_kind == "ce" else supervised_contrastive_loss(out, y)
+            loss = self.lam2 * task if loss is None else loss + self.lam2 * task
+        return loss
+
+
+class InfoProRule(InfoProObjective):
     """``lam1 * BCE(decoder(h), x01) + lam2 * L_y(head(h), y)`` (docs/methods/infopro.md) on a ``channels x spatial^2`` map.
 
     Only what is used is built (docs/reference-code.md#unused-aux-nets): no decoder when lam1 == 0 (then ``needs_x01`` is False and x01 may be
@@ -228,20 +254,6 @@ class InfoProRule(LocalRule):
     def reconstruct(self, h: Tensor) -> Tensor:
         """The decoder's image in [0, 1] (the reference's Sigmoid output)."""
         return torch.sigmoid(self.decoder(h))
-
-    def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
-        loss = None
-        if self.decoder is not None:
-            if x01 is None:
-                raise ValueError("InfoProRule with lam1 != 0 reconstructs the image: pass x01")
-            # Sigmoid + BCELoss as BCE-with-logits: the same value (the reference clamps log at -100, reached only
-            # for |logit| > 100), but stable and allowed under autocast, where BCE on probabilities is not.
-            loss = self.lam1 * F.binary_cross_entropy_with_logits(self.decoder(h), x01)
-        if self.head is not None:
-            out = self.head(h)
-            task = F.cross_entropy(out, y) if self.loss_kind == "ce" else supervised_contrastive_loss(out, y)
-            loss = self.lam2 * task if loss is None else loss + self.lam2 * task
-        return loss
 
     def extra_repr(self) -> str:
         return f"variant={self.variant}, loss={self.loss_kind}, lam1={self.lam1:g}, lam2={self.lam2:g}"

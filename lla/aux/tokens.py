@@ -21,12 +21,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lla.aux.infopro import LOSSES, UpsampleTo, cifar_decoder
+from lla.aux.infopro import LOSSES, InfoProObjective, UpsampleTo, cifar_decoder
 from lla.aux.local_rule import LocalRule
 from lla.backbones.cifar_resnet import init_cifar
 from lla.backbones.imagenet_resnet import init_imagenet
 from lla.errors import ConfigError
-from lla.losses import supervised_contrastive_loss
 from lla.recompute import Chain
 
 # InfoPro's ImageNet decoder for a 1024-channel 14x14 map (docs/methods/infopro.md#aux-nets): (width, kernel) per
@@ -102,7 +101,7 @@ class TokenCERule(LocalRule):
         return F.cross_entropy(self.head(h), y)
 
 
-class TokenInfoProRule(LocalRule):
+class TokenInfoProRule(InfoProObjective):
     """``lam1 * BCE(decoder(patch grid), x01) + lam2 * L_y(TokenHead(h), y)``; only the used parts are built."""
 
     def __init__(self, dim: int, side: int, num_classes: int, image_size: int, *, loss: str = "ce",
@@ -118,18 +117,8 @@ class TokenInfoProRule(LocalRule):
         self.head = TokenHead(dim, num_classes if loss == "ce" else feature_dim) if self.lam2 else None
         self.needs_x01 = self.decoder is not None
 
-    def forward(self, h: Tensor, y: Tensor, x01: Tensor | None = None) -> Tensor:
-        loss = None
-        if self.decoder is not None:
-            if x01 is None:
-                raise ValueError("TokenInfoProRule with lam1 != 0 reconstructs the image: pass x01")
-            recon = self.decoder(patch_grid(h, self.side))
-            loss = self.lam1 * F.binary_cross_entropy_with_logits(recon, x01)
-        if self.head is not None:
-            out = self.head(h)
-            task = F.cross_entropy(out, y) if self.loss_kind == "ce" else supervised_contrastive_loss(out, y)
-            loss = self.lam2 * task if loss is None else loss + self.lam2 * task
-        return loss
+    def decoder_input(self, h: Tensor) -> Tensor:
+        return patch_grid(h, self.side)
 
     def extra_repr(self) -> str:
         return f"loss={self.loss_kind}, lam1={self.lam1:g}, lam2={self.lam2:g}"
