@@ -384,14 +384,20 @@ class NonFiniteLossCheck(L.Callback):
             return
         last = self.last_checkpoint()
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
-        if not bad:
-            raise NonFiniteLossError(f"non-finite loss on another process at epoch {trainer.current_epoch}; {kept}")
-        k = min(bad, key=lambda j: (first[j], j))
-        value = pl_module._loss_sum[k].item()
         name = f"method {self.method}, " if self.method else ""
+        where = ""
+        if trainer.world_size > 1:  # every rank joins (all agreed to stop) and names the first bad module of any
+            firsts = trainer.strategy.all_gather(self._first).reshape(trainer.world_size, -1).tolist()
+            sums = trainer.strategy.all_gather(pl_module._loss_sum.detach().float()).reshape(trainer.world_size, -1)
+            _, k, rank = min((s, j, r) for r, row in enumerate(firsts) for j, s in enumerate(row) if s >= 0)
+            first, value = firsts[rank], sums[rank, k].item()  # rank 0's results.json names it too
+            where = f" on another process (rank {rank})" if rank != trainer.global_rank else ""
+        else:
+            k = min(bad, key=lambda j: (first[j], j))
+            value = pl_module._loss_sum[k].item()
         raise NonFiniteLossError(
-            f"non-finite loss ({value}) in {name}module {k} of {len(first)} (0-based), epoch {trainer.current_epoch}, "
-            f"step {first[k]}; {kept}")
+            f"non-finite loss ({value}){where} in {name}module {k} of {len(first)} (0-based), "
+            f"epoch {trainer.current_epoch}, step {first[k]}; {kept}")
 
 
 # ---------------------------------------------------------------------------------------------- last.ckpt
