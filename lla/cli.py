@@ -163,7 +163,6 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
         trainer.fit(model, datamodule=dm, ckpt_path=resume.path)
     except BaseException as err:  # results.json is still written; the error is raised again below
         status, stop = stop_status(err, preemption.stopped_by), err
-        finish_wandb(logger, exit_code=1)  # a failed job must not leave its run open for the next one
     if stop is None and resume.path and "val/acc" not in trainer.callback_metrics:
         trainer.validate(model, datamodule=dm, verbose=False)  # resumed at the very end: nothing left to train
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
@@ -204,6 +203,8 @@ def train(cfg: DictConfig, out_dir: Path, choices: dict[str, str], overrides: li
     if trainer.global_rank == 0:  # one writer per run folder
         write_run_file(out_dir / "results.json", json.dumps(result, indent=2, default=str))
     lock.release()
+    if stop is not None:  # after results.json: a slow W&B upload must not outlast the launcher's grace period
+        finish_wandb(logger, exit_code=1)  # a failed job must not leave its run open for the next one
     if isinstance(stop, SIGTERMException):  # a signal stopped every rank after the same batch
         line = preemption.finish(stop, trainer, last_ckpt)  # exit code 143 (130: Ctrl-C); requeue on SLURM
         if trainer.is_global_zero:

@@ -214,6 +214,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert results["status"] == "diverged" and "module 1" in results["error"]
 
 
+def test_a_failed_run_writes_results_json_before_it_closes_wandb(tmp_path, monkeypatch):
+    """W&B's finish (an upload that may take long) comes after results.json: under a multi-process launcher the
+    other ranks' failure starts a grace period after which this process is killed, and the record must exist."""
+    import lla.cli
+
+    seen = []
+    monkeypatch.setattr(lla.cli, "finish_wandb",
+                        lambda logger, exit_code=0: seen.append((exit_code, (tmp_path / "results.json").exists())))
+    overrides = TINY[:2] + ["method=dgl", *TINY[4:], "nan_check_every=3"]
+    cfg, choices = compose_cfg(overrides)
+    with open_dict(cfg):
+        cfg.method._target_ = f"{__name__}.NaNAtStep5"
+    with pytest.raises(NonFiniteLossError):
+        train(cfg, tmp_path, choices, overrides)
+    assert seen == [(1, True)]
+
+
 # ---------------------------------------------------------------------------------------------- SLURM requeue
 class SignalAt(L.Callback):
     def __init__(self, step, sig):
