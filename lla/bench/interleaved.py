@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--options", default="", help="added to every row, e.g. aux_checkpoint=true (E2E: dotted only)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in torch.channels_last")
-    p.add_argument("--compile", action="store_true", help="compile=true rows (E2E too) beside an eager E2E")
+    p.add_argument("--compile", action="store_true", help="compile=true rows (E2E too) beside every method run eagerly")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode of --compile (lla.compile.MODES)")
     p.add_argument("--compile-warmup", type=int, default=2, help="untimed steps per compiled row before the rounds")
     p.add_argument("--no-eager-twins", action="store_true",
